@@ -1,0 +1,230 @@
+"""What every Control Tower Lite program shares: where the broker lives, its secrets, and a client.
+
+Kept small and free of heavy imports so that `mcp_server.py` starts fast.
+"""
+import argparse
+import base64
+import binascii
+import hashlib
+import hmac
+import http.client
+import json
+import os
+import secrets
+import stat
+
+DEFAULT_PORT = 7878
+DEFAULT_STATE_DIR = "~/.control-tower"
+HOST = "127.0.0.1"
+
+HMAC_KEY_FILE = "hmac.key"
+JOIN_SECRET_FILE = "join.secret"
+OPERATOR_TOKEN_FILE = "operator.token"
+CHALLENGE_PREFIX = b"ctl-challenge:"
+
+
+class StateError(Exception):
+    """The state directory or one of its files is unsafe or unreadable; the message says how to fix it."""
+
+
+def add_location_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--port", type=int, default=None,
+                        help=f"broker port (env CTL_PORT, default {DEFAULT_PORT})")
+    parser.add_argument("--state-dir", default=None,
+                        help=f"state directory (env CTL_STATE_DIR, default {DEFAULT_STATE_DIR})")
+
+
+def resolve_port(port_arg=None) -> int:
+    raw = port_arg if port_arg is not None else os.environ.get("CTL_PORT", DEFAULT_PORT)
+    try:
+        port = int(raw)
+    except (TypeError, ValueError):
+        raise StateError(f"port must be a number, got {raw!r} (check --port or CTL_PORT)")
+    if not 1 <= port <= 65535:
+        raise StateError(f"port must be between 1 and 65535, got {port}")
+    return port
+
+
+def resolve_state_dir(state_arg=None) -> str:
+    raw = state_arg or os.environ.get("CTL_STATE_DIR") or DEFAULT_STATE_DIR
+    return os.path.abspath(os.path.expanduser(raw))
+
+
+def ensure_state_dir(path: str, create: bool = True) -> str:
+    """Create the directory 0700, or refuse one that a link, another user or loose permissions make unsafe."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        if not create:
+            raise StateError(f"state directory {path} does not exist; start the broker first (python launch.py)")
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+        st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        raise StateError(f"state directory {path} is a symlink; use a real directory")
+    if not stat.S_ISDIR(st.st_mode):
+        raise StateError(f"state directory {path} is not a directory")
+    if st.st_uid != os.getuid():
+        raise StateError(f"state directory {path} belongs to another user")
+    if st.st_mode & 0o077:
+        raise StateError(f"state directory {path} is accessible to other users; run: chmod 700 {path}")
+    return path
+
+
+def check_private_file(path: str) -> bool:
+    """True if the file exists and is safe to use; False if absent; StateError if unsafe."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    if stat.S_ISLNK(st.st_mode):
+        raise StateError(f"{path} is a symlink; remove it")
+    if not stat.S_ISREG(st.st_mode):
+        raise StateError(f"{path} is not a regular file; remove it")
+    if st.st_uid != os.getuid():
+        raise StateError(f"{path} belongs to another user; remove it")
+    if st.st_mode & 0o077:
+        raise StateError(f"{path} is readable by other users; run: chmod 600 {path}")
+    return True
+
+
+def read_secret(state_dir: str, name: str, create: bool = False) -> str:
+    """Read a secret file, creating it once (atomically, 0600) when asked; secrets are reused forever after."""
+    path = os.path.join(state_dir, name)
+    if not check_private_file(path):
+        if not create:
+            raise StateError(f"{path} is missing; start the broker first (python launch.py)")
+        tmp = f"{path}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            os.write(fd, secrets.token_urlsafe(32).encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(tmp)
+        check_private_file(path)
+    with open(path, "r", encoding="ascii") as handle:
+        value = handle.read().strip()
+    if len(value) < 32:
+        raise StateError(f"{path} is too short to be a secret; delete it and restart the broker")
+    return value
+
+
+class TokenSigner:
+    """Mints and checks `ctl1.<payload>.<mac>` tokens; payload = v1|peer_id|generation|role|scope|expires."""
+
+    PREFIX = b"ctl-token:"
+
+    def __init__(self, key: str):
+        self._key = key.encode()
+
+    def _mac(self, payload: bytes) -> bytes:
+        return hmac.new(self._key, self.PREFIX + payload, hashlib.sha256).digest()
+
+    def mint(self, peer_id: int, generation: int, role: str, scope: str, expires: int) -> str:
+        payload = base64.urlsafe_b64encode(f"v1|{peer_id}|{generation}|{role}|{scope}|{expires}".encode())
+        mac = base64.urlsafe_b64encode(self._mac(payload))
+        return f"ctl1.{payload.decode()}.{mac.decode()}"
+
+    def claims(self, token: str):
+        """(peer_id, generation, role, scope, expires) if the MAC is right, else None; expiry is the caller's."""
+        parts = token.split(".")
+        if len(parts) != 3 or parts[0] != "ctl1" or len(token) > 512:
+            return None
+        try:
+            payload = parts[1].encode("ascii")
+            mac = base64.urlsafe_b64decode(parts[2].encode("ascii"))
+            if not hmac.compare_digest(mac, self._mac(payload)):
+                return None
+            version, peer_id, generation, role, scope, expires = \
+                base64.urlsafe_b64decode(payload).decode("ascii").split("|")
+            if version != "v1":
+                return None
+            return int(peer_id), int(generation), role, scope, int(expires)
+        except (ValueError, UnicodeError, binascii.Error):
+            return None
+
+    def observer_token(self) -> str:
+        """The read-only dashboard token: derived from the key, never expires, dies with the key."""
+        return self.mint(0, 0, "observer", "observe", 0)
+
+
+def challenge_proof(key: str, nonce: str) -> str:
+    """What only the holder of the state directory's HMAC key can answer for a nonce."""
+    return hmac.new(key.encode(), CHALLENGE_PREFIX + nonce.encode(), hashlib.sha256).hexdigest()
+
+
+class BrokerUnavailable(Exception):
+    """Nothing answers on the broker port, or what answers is not our broker."""
+
+
+class BrokerClient:
+    """A keep-alive JSON client for the broker; one per thread (http.client connections are not shared)."""
+
+    def __init__(self, port: int, token: str = None, timeout: float = 10.0):
+        self.port = port
+        self.token = token
+        self.timeout = timeout
+        self._conn = None
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def request(self, method: str, path: str, body=None, token: str = None, timeout: float = None):
+        """Return (status, decoded JSON); retry once on a dropped keep-alive connection."""
+        payload = None if body is None else json.dumps(body).encode()
+        headers = {"Host": f"{HOST}:{self.port}"}
+        bearer = token or self.token
+        if bearer:
+            headers["Authorization"] = f"Bearer {bearer}"
+        if payload is not None:
+            headers["Content-Type"] = "application/json"
+        for attempt in (1, 2):
+            if self._conn is None:
+                self._conn = http.client.HTTPConnection(HOST, self.port, timeout=timeout or self.timeout)
+            elif timeout:
+                self._conn.timeout = timeout
+                if self._conn.sock is not None:
+                    self._conn.sock.settimeout(timeout)
+            try:
+                self._conn.request(method, path, body=payload, headers=headers)
+                response = self._conn.getresponse()
+                raw = response.read()
+                if timeout and self._conn.sock is not None:
+                    self._conn.sock.settimeout(self.timeout)
+                if response.getheader("Connection", "").lower() == "close":
+                    self.close()
+                try:
+                    data = json.loads(raw) if raw else {}
+                except ValueError:
+                    data = {"error": {"code": "bad_response", "message": raw[:200].decode(errors="replace")}}
+                return response.status, data
+            except (ConnectionError, http.client.HTTPException, OSError) as exc:
+                self.close()
+                if attempt == 2 or isinstance(exc, (ConnectionRefusedError, TimeoutError)):
+                    raise BrokerUnavailable(f"broker on port {self.port} is unreachable: {exc}") from exc
+        raise AssertionError("unreachable")
+
+
+def verify_broker(port: int, state_dir: str, timeout: float = 2.0) -> None:
+    """Make sure the process on the port holds our HMAC key before any secret is sent to it."""
+    key = read_secret(state_dir, HMAC_KEY_FILE)
+    nonce = secrets.token_hex(16)
+    client = BrokerClient(port, timeout=timeout)
+    try:
+        status, data = client.request("GET", f"/health?challenge={nonce}")
+    finally:
+        client.close()
+    proof = data.get("proof", "") if isinstance(data, dict) else ""
+    if status != 200 or not hmac.compare_digest(str(proof).encode(), challenge_proof(key, nonce).encode()):
+        raise BrokerUnavailable(f"the process on port {port} is not the Control Tower broker for {state_dir}")
