@@ -129,9 +129,17 @@ FILTER_RULES = {
         r"assistant|eot_id|start_header_id|end_header_id)\s*\|>|\[/?inst\]|<<\s*/?\s*sys\s*>>"),
     "system-tag": re.compile(r"<\s*/?\s*(?:system[\w-]*|instructions?|developer[\w-]*|im_start)\b[^>]*>"),
     "data-uri": re.compile(r"\bdata\s*:\s*[a-z0-9.+-]+/[a-z0-9.+-]+\s*[;,]"),
-    "base64-run": re.compile(r"[a-z0-9+/_-]{120,}={0,2}"),
     "remote-image": re.compile(r"!\[[^\]]*\]\(\s*<?\s*(?:[a-z][a-z0-9+.-]*:)?//|<\s*img\b[^>]*\bsrc\s*=\s*[\"']?\s*(?:[a-z]+:)?//"),
 }
+
+
+_BASE64_RUN = re.compile(r"[A-Za-z0-9+/_-]{120,}")
+
+
+def _has_base64_run(normal: str) -> bool:
+    """Long runs that mix upper case, lower case and digits, as encoded binary does (a row of x's does not)."""
+    return any(re.search(r"[A-Z]", run) and re.search(r"[a-z]", run) and re.search(r"\d", run)
+               for run in _BASE64_RUN.findall(normal))
 
 
 def _disguises_undone(text: str) -> str:
@@ -158,11 +166,13 @@ def screen_text(field: str, text: str) -> str:
         raise ApiError(422, "content_filtered", f"{field} contains an invisible filler character; remove it",
                        rule="invisible-character", field=field)
     seen = _disguises_undone(normal)
-    for rule, pattern in FILTER_RULES.items():
-        if pattern.search(seen):
-            raise ApiError(422, "content_filtered",
-                           f"{field} was refused by the content filter (rule {rule}); rephrase it as plain prose",
-                           rule=rule, field=field)
+    broken = next((rule for rule, pattern in FILTER_RULES.items() if pattern.search(seen)), None)
+    if broken is None and _has_base64_run(normal):
+        broken = "base64-run"
+    if broken is not None:
+        raise ApiError(422, "content_filtered",
+                       f"{field} was refused by the content filter (rule {broken}); rephrase it as plain prose",
+                       rule=broken, field=field)
     return normal
 
 
@@ -854,15 +864,19 @@ IDENTITY_FIELDS = {"from", "sender", "sender_id", "sender_name", "from_peer", "p
                    "author", "as_peer", "on_behalf_of", "from_role", "origin", "sender_role"}
 
 
+def _refuse_longer(name: str, text: str, limit: int) -> None:
+    if len(text) > limit:
+        raise ApiError(400, "too_long", f"{name} is {len(text)} characters; the limit is {limit}")
+
+
 def _check_text(field, name, value):
     if not isinstance(value, str):
         raise ApiError(400, "bad_type", f"{name} must be a string")
+    _refuse_longer(name, value, field.limit)      # before spending the filter's time
     value = screen_text(name, value)
-    if len(value) < field.minimum:
+    _refuse_longer(name, value, field.limit)      # NFKC can lengthen text
+    if field.minimum and not value.strip():
         raise ApiError(400, "too_short", f"{name} must not be empty")
-    if len(value) > field.limit:
-        raise ApiError(413 if len(value) > MAX_BODY_BYTES else 400, "too_long",
-                       f"{name} is {len(value)} characters; the limit is {field.limit}")
     return value
 
 
@@ -1571,8 +1585,6 @@ class HttpLoop:
             headers = http.client.parse_headers(io.BytesIO(head[line_end + 2:]))
         except (http.client.HTTPException, UnicodeError, ValueError):
             raise ApiError(400, "bad_headers", "malformed or too many headers")
-        if headers.defects:
-            raise ApiError(400, "bad_headers", "malformed headers")
         if headers.get("Transfer-Encoding") is not None:
             raise ApiError(400, "transfer_encoding", "Transfer-Encoding is not accepted; send Content-Length")
         lengths = headers.get_all("Content-Length") or []

@@ -1,0 +1,276 @@
+"""Real brokers and real MCP servers as subprocesses on free loopback ports, each with its own state dir."""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import ctl_common  # noqa: E402
+
+BROKER = os.path.join(ROOT, "broker.py")
+MCP_SERVER = os.path.join(ROOT, "mcp_server.py")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class BrokerProcess:
+    """One broker subprocess; `kill9` and `start` again reuse the same port and state directory."""
+
+    def __init__(self, env=None, state_dir=None, port=None):
+        self.port = port or free_port()
+        self.tmp = tempfile.mkdtemp(prefix="ctl-test-")
+        os.chmod(self.tmp, 0o700)
+        self.state_dir = state_dir or os.path.join(self.tmp, "state")
+        self.env = {**os.environ, "CTL_PORT": str(self.port), "CTL_STATE_DIR": self.state_dir, **(env or {})}
+        self.proc = None
+        self.log = None
+        self.log_path = os.path.join(self.tmp, "broker.log")
+
+    def start(self, wait=True):
+        if self.log is not None:
+            self.log.close()
+        self.log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, BROKER], env=self.env, stdout=self.log, stderr=self.log)
+        if wait:
+            self.wait_healthy()
+        return self
+
+    def wait_healthy(self, timeout=10.0):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"broker exited with {self.proc.returncode}: {self.read_log()}")
+            try:
+                status, _ = self.request("GET", "/health")
+                if status == 200:
+                    return
+            except ctl_common.BrokerUnavailable:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"broker not healthy: {self.read_log()}")
+
+    def read_log(self) -> str:
+        with open(self.log_path, "rb") as handle:
+            return handle.read().decode(errors="replace")
+
+    def kill9(self):
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.kill9()
+        if self.log is not None:
+            self.log.close()
+            self.log = None
+
+    def cleanup(self):
+        self.stop()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def secret(self, name):
+        return ctl_common.read_secret(self.state_dir, name)
+
+    def request(self, method, path, body=None, token=None, timeout=10.0):
+        client = ctl_common.BrokerClient(self.port, token=token, timeout=timeout)
+        try:
+            return client.request(method, path, body)
+        finally:
+            client.close()
+
+    def raw(self, data: bytes, timeout=5.0) -> bytes:
+        """Send raw bytes, return everything the broker answers before closing or going quiet."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as sock:
+            sock.sendall(data)
+            chunks = []
+            try:
+                while True:
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        break
+                    chunks.append(chunk)
+                    if b"\r\n\r\n" in b"".join(chunks) and _complete(b"".join(chunks)):
+                        break
+            except socket.timeout:
+                pass
+            return b"".join(chunks)
+
+    def join(self, name, role="worker", root=None, **extra):
+        body = {"name": name, "role": role, "root": root or ROOT, **extra}
+        status, data = self.request("POST", "/join", body, token=self.secret(ctl_common.JOIN_SECRET_FILE))
+        if status != 200:
+            raise AssertionError(f"join {name} failed: {status} {data}")
+        return Peer(self, data)
+
+    def operator(self):
+        return Peer(self, {"token": self.secret(ctl_common.OPERATOR_TOKEN_FILE), "name": "operator"})
+
+    def integrity(self) -> str:
+        import sqlite3
+        db = sqlite3.connect(os.path.join(self.state_dir, "broker.db"))
+        try:
+            return db.execute("PRAGMA integrity_check").fetchone()[0]
+        finally:
+            db.close()
+
+
+def _complete(data: bytes) -> bool:
+    head, _, body = data.partition(b"\r\n\r\n")
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            return len(body) >= int(line.split(b":")[1])
+    return True
+
+
+class Peer:
+    """A joined session talking HTTP to the broker with its own token."""
+
+    def __init__(self, broker, joined):
+        self.broker, self.joined = broker, joined
+        self.token, self.name = joined["token"], joined["name"]
+
+    def call(self, method, path, body=None, **kw):
+        return self.broker.request(method, path, body, token=self.token, **kw)
+
+    def ok(self, method, path, body=None, **kw):
+        status, data = self.call(method, path, body, **kw)
+        if status != 200:
+            raise AssertionError(f"{method} {path} {body} -> {status} {data}")
+        return data
+
+    def send(self, to, content, category="info"):
+        return self.call("POST", "/messages", {"to": to, "content": content, "category": category})
+
+    def read(self, wait=0):
+        return self.ok("GET", f"/inbox?wait={wait}")
+
+    def drain(self):
+        batch = self.read()
+        if batch["messages"]:
+            self.ok("POST", "/inbox/ack", {"ids": [m["delivery_id"] for m in batch["messages"]]})
+        return batch["messages"]
+
+
+class BrokerTestCase(unittest.TestCase):
+    """A fresh broker for the whole class; `env` tunes it (lease, rate limit)."""
+
+    env = {}
+
+    @classmethod
+    def setUpClass(cls):
+        cls.broker = BrokerProcess(env={"CTL_RATE_LIMIT": "1000", **cls.env}).start()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.broker.cleanup()
+
+
+class McpSession:
+    """`mcp_server.py` as a subprocess, driven over stdio with newline-delimited JSON-RPC."""
+
+    def __init__(self, broker, cwd, env=None, name=None):
+        self.env = {**broker.env, **(env or {})}
+        if name:
+            self.env["CTL_NAME"] = name
+        self.proc = subprocess.Popen([sys.executable, MCP_SERVER], cwd=cwd, env=self.env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.next_id = 0
+        self.lines = []
+        self.notifications = []
+        self.cond = threading.Condition()
+        self.stderr = []
+        threading.Thread(target=self._pump, daemon=True).start()
+        threading.Thread(target=self._drain_stderr, daemon=True).start()
+
+    def _pump(self):
+        for raw in self.proc.stdout:
+            with self.cond:
+                self.lines.append(raw.decode())
+                self.cond.notify_all()
+        with self.cond:
+            self.lines.append(None)
+            self.cond.notify_all()
+
+    def _drain_stderr(self):
+        for raw in self.proc.stderr:
+            self.stderr.append(raw.decode(errors="replace"))
+
+    def write(self, obj_or_text):
+        text = obj_or_text if isinstance(obj_or_text, str) else json.dumps(obj_or_text)
+        self.proc.stdin.write(text.encode() + b"\n")
+        self.proc.stdin.flush()
+
+    def next_message(self, timeout=15.0, match=None):
+        """The next stdout line (parsed) that satisfies `match`; keeps the others for later calls."""
+        deadline = time.time() + timeout
+        with self.cond:
+            while True:
+                for i, line in enumerate(self.lines):
+                    if line is None:
+                        raise EOFError("mcp_server closed stdout; stderr: " + "".join(self.stderr))
+                    message = json.loads(line)
+                    if match is None or match(message):
+                        del self.lines[i]
+                        return message
+                remaining = deadline - time.time()
+                if remaining <= 0:
+                    raise TimeoutError(f"no matching message; pending {self.lines}; stderr {''.join(self.stderr)}")
+                self.cond.wait(remaining)
+
+    def request(self, method, params=None, timeout=15.0):
+        self.next_id += 1
+        message = {"jsonrpc": "2.0", "id": self.next_id, "method": method}
+        if params is not None:
+            message["params"] = params
+        self.write(message)
+        wanted = self.next_id
+        return self.next_message(timeout, match=lambda m: m.get("id") == wanted)
+
+    def initialize(self, version="2025-11-25"):
+        reply = self.request("initialize", {"protocolVersion": version, "capabilities": {},
+                                            "clientInfo": {"name": "tests", "version": "1"}})
+        self.write({"jsonrpc": "2.0", "method": "notifications/initialized"})
+        return reply
+
+    def call(self, tool, arguments=None, timeout=15.0):
+        reply = self.request("tools/call", {"name": tool, "arguments": arguments or {}}, timeout=timeout)
+        if "result" not in reply:
+            raise AssertionError(f"tools/call {tool} gave a protocol error: {reply}")
+        return reply["result"]
+
+    def ok(self, tool, arguments=None, timeout=15.0):
+        result = self.call(tool, arguments, timeout)
+        if result.get("isError"):
+            raise AssertionError(f"{tool} {arguments} failed: {result['content'][0]['text']}")
+        return result["structuredContent"]
+
+    def close(self, timeout=10.0):
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def kill9(self):
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
