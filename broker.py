@@ -366,7 +366,8 @@ class Store:
         if peer["status"] != "active":
             self._changed()
 
-    def join(self, name: str, role: str, summary: str, root, resumed_peer_id, now: float):
+    def join(self, name: str, role, summary: str, root, resumed_peer_id, now: float):
+        """Without a role, a resumed session keeps the one it holds (an operator's change sticks)."""
         with self.tx():
             self._reap(now)
             row = self.peer_by_name(name)
@@ -383,8 +384,7 @@ class Store:
                 if self._is_alive(other, now) and name_skeleton(other["name"]) == skeleton:
                     raise ApiError(409, "lookalike_name",
                                    f"{name!r} looks like the live peer {other['name']!r}; pick a distinct name")
-            if resumed and self._is_alive(row, now):
-                role = row["role"]
+            role = role or (row["role"] if resumed else "worker")
             if role == "architect":
                 seat = self._architect(now)
                 if seat is not None and seat["name"] != name:
@@ -1126,7 +1126,7 @@ ROUTES = {
     ("GET", "/health"): Route(r_health, PUBLIC, {"challenge": Field("hex")}),
     ("POST", "/join"): Route(r_join, JOINING, {
         "name": Field("name", required=True),
-        "role": Field("enum", choices=("worker", "architect"), default="worker"),
+        "role": Field("enum", choices=("worker", "architect")),
         "summary": Field("text", limit=LIMITS["summary"], minimum=0, default=""),
         "root": Field("root", limit=LIMITS["path"]),
         "resume": Field("token")}),
@@ -1383,16 +1383,22 @@ class Broker:
             actor = self.authenticate(req, route)
             params = validate(route.schema, data)
             result = route.handler(self, actor, params)
-            return result if isinstance(result, Park) else (200, result)
+            return result if isinstance(result, Park) else (200, result, self._room_header(actor))
         except ApiError as err:
             self._note_refusal(err, actor, req)
-            return err.status, err.body()
+            return err.status, err.body(), self._room_header(actor)
         except sqlite3.OperationalError as exc:
             log(f"storage error on {req.method} {escape_for_log(req.path)}: {exc}")
             return 503, {"error": {"code": "storage_unavailable", "message": "storage is busy or full; retry shortly"}}
         except Exception:
             log(f"internal error on {req.method} {escape_for_log(req.path)}:\n{traceback.format_exc()}")
             return 500, {"error": {"code": "internal", "message": "internal error; see the broker log"}}
+
+    def _room_header(self, actor) -> dict:
+        """Sessions learn of a pause or stop on their very next call, whatever it was."""
+        if actor is None or actor.kind not in ("peer", "watch"):
+            return {}
+        return {"X-CTL-Room": self.store.room_state()}
 
     SECURITY_EVENTS = {401: "auth_failed", 403: "forbidden", 421: "wrong_host", 422: "content_filtered",
                        429: "rate_limited"}

@@ -167,18 +167,48 @@ class BrokerUnavailable(Exception):
 
 
 class BrokerClient:
-    """A keep-alive JSON client for the broker; one per thread (http.client connections are not shared)."""
+    """A keep-alive JSON client for the broker; one per thread (http.client connections are not shared).
 
-    def __init__(self, port: int, token: str = None, timeout: float = 10.0):
+    With `verify_key`, every new connection first proves the peer holds that HMAC key, so a process
+    squatting on the port never sees a token.
+    """
+
+    def __init__(self, port: int, token: str = None, timeout: float = 10.0, verify_key: str = None):
         self.port = port
         self.token = token
         self.timeout = timeout
+        self.verify_key = verify_key
+        self.headers = {}
         self._conn = None
 
     def close(self) -> None:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+    def _exchange(self, method: str, path: str, payload, headers: dict):
+        self._conn.request(method, path, body=payload, headers=headers)
+        response = self._conn.getresponse()
+        raw = response.read()
+        if response.getheader("Connection", "").lower() == "close":
+            self.close()
+        try:
+            data = json.loads(raw) if raw else {}
+        except ValueError:
+            data = {"error": {"code": "bad_response", "message": raw[:200].decode(errors="replace")}}
+        self.headers = {k.lower(): v for k, v in response.getheaders()}
+        return response.status, data
+
+    def _connect(self, timeout: float) -> None:
+        self._conn = http.client.HTTPConnection(HOST, self.port, timeout=timeout)
+        if self.verify_key is None:
+            return
+        nonce = secrets.token_hex(16)
+        status, data = self._exchange("GET", f"/health?challenge={nonce}", None, {"Host": f"{HOST}:{self.port}"})
+        proof = str(data.get("proof", "")) if isinstance(data, dict) else ""
+        if status != 200 or not hmac.compare_digest(proof.encode(), challenge_proof(self.verify_key, nonce).encode()):
+            self.close()
+            raise BrokerUnavailable(f"the process on port {self.port} is not our Control Tower broker")
 
     def request(self, method: str, path: str, body=None, token: str = None, timeout: float = None):
         """Return (status, decoded JSON); retry once on a dropped keep-alive connection."""
@@ -189,26 +219,15 @@ class BrokerClient:
             headers["Authorization"] = f"Bearer {bearer}"
         if payload is not None:
             headers["Content-Type"] = "application/json"
+        wait = timeout or self.timeout
         for attempt in (1, 2):
-            if self._conn is None:
-                self._conn = http.client.HTTPConnection(HOST, self.port, timeout=timeout or self.timeout)
-            elif timeout:
-                self._conn.timeout = timeout
-                if self._conn.sock is not None:
-                    self._conn.sock.settimeout(timeout)
             try:
-                self._conn.request(method, path, body=payload, headers=headers)
-                response = self._conn.getresponse()
-                raw = response.read()
-                if timeout and self._conn.sock is not None:
-                    self._conn.sock.settimeout(self.timeout)
-                if response.getheader("Connection", "").lower() == "close":
-                    self.close()
-                try:
-                    data = json.loads(raw) if raw else {}
-                except ValueError:
-                    data = {"error": {"code": "bad_response", "message": raw[:200].decode(errors="replace")}}
-                return response.status, data
+                if self._conn is None:
+                    self._connect(wait)
+                self._conn.timeout = wait
+                if self._conn.sock is not None:
+                    self._conn.sock.settimeout(wait)
+                return self._exchange(method, path, payload, headers)
             except (ConnectionError, http.client.HTTPException, OSError) as exc:
                 self.close()
                 if attempt == 2 or isinstance(exc, (ConnectionRefusedError, TimeoutError)):
@@ -218,13 +237,8 @@ class BrokerClient:
 
 def verify_broker(port: int, state_dir: str, timeout: float = 2.0) -> None:
     """Make sure the process on the port holds our HMAC key before any secret is sent to it."""
-    key = read_secret(state_dir, HMAC_KEY_FILE)
-    nonce = secrets.token_hex(16)
-    client = BrokerClient(port, timeout=timeout)
+    client = BrokerClient(port, timeout=timeout, verify_key=read_secret(state_dir, HMAC_KEY_FILE))
     try:
-        status, data = client.request("GET", f"/health?challenge={nonce}")
+        client.request("GET", "/health")
     finally:
         client.close()
-    proof = data.get("proof", "") if isinstance(data, dict) else ""
-    if status != 200 or not hmac.compare_digest(str(proof).encode(), challenge_proof(key, nonce).encode()):
-        raise BrokerUnavailable(f"the process on port {port} is not the Control Tower broker for {state_dir}")

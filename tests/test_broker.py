@@ -159,13 +159,16 @@ class RolesTest(BrokerTestCase):
         self.assertEqual(architect.call("POST", "/tasks", {"title": "stale"})[0], 401, "old architect token revoked")
         self.assertEqual(worker.call("POST", "/tasks", {"title": "stale"})[0], 401, "role change supersedes tokens")
         join_secret = self.broker.secret("join.secret")
-        status, data = self.broker.request("POST", "/join", {"name": "builder", "role": "worker", "resume": worker.token},
+        status, data = self.broker.request("POST", "/join", {"name": "builder", "resume": worker.token},
                                            token=join_secret)
         self.assertEqual((status, data["role"]), (200, "architect"), "a resumed session keeps the role it was given")
         operator.ok("POST", "/operator/architect", {"name": None})
-        status, data = self.broker.request("POST", "/join", {"name": "planner", "role": "architect",
-                                                             "resume": architect.token}, token=join_secret)
+        status, data = self.broker.request("POST", "/join", {"name": "planner", "resume": architect.token},
+                                           token=join_secret)
         self.assertEqual((status, data["role"]), (200, "worker"), "a revoked seat is not silently retaken on resume")
+        status, data = self.broker.request("POST", "/join", {"name": "planner", "role": "architect",
+                                                             "resume": data["token"]}, token=join_secret)
+        self.assertEqual((status, data["role"]), (200, "architect"), "asking for a vacant seat takes it")
 
 
 class MessagesTest(BrokerTestCase):
