@@ -70,6 +70,16 @@ class BrokerProcess:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
 
+    def dispose(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        for pipe in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            try:
+                pipe.close()
+            except (OSError, ValueError):
+                pass
+
     def stop(self):
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
@@ -83,7 +93,18 @@ class BrokerProcess:
 
     def cleanup(self):
         self.stop()
+        self.kill_detached()
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def kill_detached(self):
+        """Stop a broker that an MCP server started on this state directory (its pid is in broker.lock)."""
+        try:
+            with open(os.path.join(self.state_dir, "broker.lock")) as handle:
+                words = handle.read().split()
+            pid = int(words[1])
+            os.kill(pid, signal.SIGKILL)
+        except (OSError, ValueError, IndexError):
+            pass
 
     def secret(self, name):
         return ctl_common.read_secret(self.state_dir, name)
@@ -274,3 +295,13 @@ class McpSession:
     def kill9(self):
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
+
+    def dispose(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        for pipe in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            try:
+                pipe.close()
+            except (OSError, ValueError):
+                pass
