@@ -1717,7 +1717,7 @@ def require_loopback(host: str) -> str:
 
 def hold_state_lock(state_dir: str):
     """One broker per state directory: a second one would fight the first over the same database."""
-    path = os.path.join(state_dir, "broker.lock")
+    path = os.path.join(state_dir, "broker.pid")
     handle = open(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600), "r+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

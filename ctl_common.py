@@ -12,6 +12,9 @@ import json
 import os
 import secrets
 import stat
+import subprocess
+import sys
+import time
 
 DEFAULT_PORT = 7878
 DEFAULT_STATE_DIR = "~/.control-tower"
@@ -242,3 +245,31 @@ def verify_broker(port: int, state_dir: str, timeout: float = 2.0) -> None:
         client.request("GET", "/health")
     finally:
         client.close()
+
+
+def broker_running(port: int, state_dir: str) -> bool:
+    try:
+        verify_broker(port, state_dir)
+        return True
+    except (BrokerUnavailable, StateError):
+        return False
+
+
+def spawn_broker(port: int, state_dir: str, wait: float = 10.0) -> int:
+    """Start a detached broker (log in the state directory) and wait until it proves itself; return its pid."""
+    ensure_state_dir(state_dir)
+    log_path = os.path.join(state_dir, "broker.log")
+    broker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "broker.py")
+    with open(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as log:
+        proc = subprocess.Popen([sys.executable, broker, "--port", str(port), "--state-dir", state_dir],
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+    deadline = time.time() + wait
+    while time.time() < deadline:
+        if broker_running(port, state_dir):
+            return proc.pid
+        if proc.poll() is not None and not broker_running(port, state_dir):
+            with open(log_path, "rb") as handle:
+                last = b"\n".join(handle.read().splitlines()[-3:]).decode(errors="replace")
+            raise StateError(f"the broker exited at once; {log_path} ends with:\n{last}")
+        time.sleep(0.1)
+    raise StateError(f"the broker did not become healthy within {wait:.0f}s; see {log_path}")

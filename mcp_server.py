@@ -14,7 +14,6 @@ import os
 import re
 import secrets
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -115,27 +114,15 @@ class Session:
 
     def start_broker(self) -> None:
         """No broker answers: start one, detached, on the same port and state directory."""
-        try:
-            ctl_common.verify_broker(self.port, self.state_dir)
+        if ctl_common.broker_running(self.port, self.state_dir):
             return
-        except (BrokerUnavailable, StateError):
-            pass
-        ctl_common.ensure_state_dir(self.state_dir)
-        log_path = os.path.join(self.state_dir, "broker.log")
-        with open(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as log_file:
-            subprocess.Popen([sys.executable, os.path.join(HERE, "broker.py"), "--port", str(self.port),
-                              "--state-dir", self.state_dir], stdin=subprocess.DEVNULL, stdout=log_file,
-                             stderr=log_file, start_new_session=True, close_fds=True)
-        deadline = time.time() + 8
-        while time.time() < deadline:
-            try:
-                ctl_common.verify_broker(self.port, self.state_dir)
-                log(f"started a broker on port {self.port}")
-                return
-            except (BrokerUnavailable, StateError):
-                time.sleep(0.1)
-        raise ToolRefusal(f"could not start or reach the broker on port {self.port}; "
-                          f"see {log_path}, or ask the human to run: python launch.py")
+        try:
+            ctl_common.spawn_broker(self.port, self.state_dir, wait=8)
+            log(f"started a broker on port {self.port}")
+        except StateError as exc:
+            if not ctl_common.broker_running(self.port, self.state_dir):
+                raise ToolRefusal(f"could not start or reach the broker on port {self.port} ({exc}); "
+                                  "ask the human to run: python launch.py")
 
     def join(self, name=None, role=None, summary=None, resume=True) -> dict:
         """Join (or rejoin) the room; on a name clash for a default name, try name-2, name-3, ..."""

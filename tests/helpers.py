@@ -97,9 +97,9 @@ class BrokerProcess:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     def kill_detached(self):
-        """Stop a broker that an MCP server started on this state directory (its pid is in broker.lock)."""
+        """Stop a broker that an MCP server started on this state directory (its pid is in broker.pid)."""
         try:
-            with open(os.path.join(self.state_dir, "broker.lock")) as handle:
+            with open(os.path.join(self.state_dir, "broker.pid")) as handle:
                 words = handle.read().split()
             pid = int(words[1])
             os.kill(pid, signal.SIGKILL)
