@@ -898,7 +898,7 @@ def _check_enum(field, name, value):
 
 
 def _check_int(field, name, value):
-    if isinstance(value, str) and re.fullmatch(r"-?\d{1,12}", value):
+    if isinstance(value, str) and re.fullmatch(r"-?\d{1,19}", value):
         value = int(value)
     if not isinstance(value, int) or isinstance(value, bool) or not field.minimum <= value <= field.limit:
         raise ApiError(400, "bad_value", f"{name} must be a whole number from {field.minimum} to {field.limit}")
@@ -1094,6 +1094,7 @@ def r_get_memory(broker, actor, q):
 def r_state(broker, actor, q):
     view = broker.store.snapshot(q["since"], q["after_message"], q["after_event"], time.time())
     view["health"] = broker.health()
+    view["viewer"] = actor.kind
     return view
 
 
@@ -1181,6 +1182,7 @@ ROUTE_METHODS = {}
 for _method, _path in ROUTES:
     ROUTE_METHODS.setdefault(_path, []).append(_method)
 DASHBOARD_PATHS = ("/", "/dashboard.html")
+NO_CONTENT_PATHS = ("/favicon.ico",)
 
 
 # ---------------------------------------------------------------- the front door and auth
@@ -1276,11 +1278,16 @@ class Broker:
         self.dashboard = self._load_dashboard()
 
     def _load_dashboard(self):
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dashboard.html")
-        try:
-            with open(path, "rb") as handle:
-                page = handle.read()
-        except OSError:
+        beside = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dashboard.html")
+        installed = os.path.join(sys.prefix, "share", "control-tower-lite", "dashboard.html")
+        for path in (beside, installed):
+            try:
+                with open(path, "rb") as handle:
+                    page = handle.read()
+                break
+            except OSError:
+                continue
+        else:
             return None
         text = page.decode("utf-8")
         hashes = {kind: [f"'sha256-{b64encode(hashlib.sha256(body.encode()).digest()).decode()}'"
@@ -1365,6 +1372,8 @@ class Broker:
             self.gate(req)
             if req.method == "GET" and req.path in DASHBOARD_PATHS:
                 return self.serve_dashboard()
+            if req.method == "GET" and req.path in NO_CONTENT_PATHS:
+                return 204, b"", {}
             route = ROUTES.get((req.method, req.path))
             if route is None:
                 if req.path in ROUTE_METHODS:

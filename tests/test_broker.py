@@ -549,6 +549,18 @@ class OperatorTest(BrokerTestCase):
         self.assertEqual(self.broker.request("GET", "/state", token=observer)[0], 200)
         self.assertEqual(self.broker.request("POST", "/operator/pause", {}, token=observer)[0], 403)
 
+    def test_state_polls_return_only_what_changed(self):
+        op = self.broker.operator()
+        first = op.ok("GET", "/state")
+        self.assertIn("tasks", first)
+        same = op.ok("GET", f"/state?since={first['version']}&after_message=999999999&after_event=999999999")
+        self.assertNotIn("tasks", same, "nothing changed, so no task list is sent again")
+        self.assertEqual((same["messages"], same["events"]), ([], []))
+        op.ok("POST", "/tasks", {"title": "a change"})
+        changed = op.ok("GET", f"/state?since={first['version']}")
+        self.assertIn("a change", [t["title"] for t in changed["tasks"]["tasks"]])
+        self.assertGreater(changed["version"], first["version"])
+
     def test_pause_resume_stop_reset(self):
         op = self.broker.operator()
         a, b = self.broker.join("p-a"), self.broker.join("p-b")
