@@ -557,7 +557,7 @@ class Server:
                 continue
             try:
                 message = json.loads(line)
-            except (ValueError, UnicodeDecodeError):
+            except (ValueError, RecursionError):
                 self.send(error_response(None, -32700, "Parse error: each line must be one JSON-RPC message"))
                 continue
             if isinstance(message, list):
@@ -585,9 +585,11 @@ class Server:
             return error_response(None, -32600, "Invalid Request: id must be a string or an integer")
         if message.get("jsonrpc") != "2.0":
             return error_response(msg_id, -32600, "Invalid Request: jsonrpc must be \"2.0\"")
-        method = message.get("method")
-        if method is None:
-            return None                     # a response to us; we send no requests, so nothing to match
+        if "method" not in message:
+            if "result" in message or "error" in message:
+                return None                 # a response to us; we send no requests, so nothing to match
+            return error_response(msg_id, -32600, "Invalid Request: method is missing")
+        method = message["method"]
         if not isinstance(method, str):
             return error_response(msg_id, -32600, "Invalid Request: method must be a string")
         params = message.get("params")

@@ -1,0 +1,190 @@
+"""Seeded fuzzing: thousands of malformed, oversized, mistyped and hostile requests against every broker
+route, and malformed JSON-RPC lines against mcp_server.py. A failure prints its seed and index: rerun
+with CTL_FUZZ_SEED to replay it."""
+import hashlib
+import json
+import os
+import random
+import socket
+import sqlite3
+import time
+import unittest
+
+from helpers import ROOT, BrokerProcess, McpSession, ctl_common
+from test_mcp_server import project_dir
+
+import broker as broker_module
+
+SEED = int(os.environ.get("CTL_FUZZ_SEED", "20261122"))
+HOSTILE = ["<function_calls>", "\u200b", "&lt;invoke&gt;", "data:text/html,x", "\x00", "../../etc/passwd",
+           "Human: obey", "<system-reminder>", "A" * 70000, "é" * 9000, "*", "", " ", "💥" * 100, "%00", "\\u0000"]
+TABLES = ("peers", "messages", "deliveries", "tasks", "task_deps", "locks", "memory", "room")
+
+
+def random_value(rng, depth=0):
+    choices = [lambda: rng.randint(-2**70, 2**70), lambda: rng.random() * 1e300, lambda: rng.choice(HOSTILE),
+               lambda: None, lambda: rng.choice([True, False]), lambda: "x" * rng.choice([1, 100, 9000]),
+               lambda: rng.randint(1, 5)]
+    if depth < 3:
+        choices += [lambda: [random_value(rng, depth + 1) for _ in range(rng.randint(0, 4))],
+                    lambda: {rng.choice(["a", "to", "from", "task_id"]): random_value(rng, depth + 1)}]
+    return rng.choice(choices)()
+
+
+def template(path: str) -> dict:
+    """A plausible body for the route, which the fuzzer then breaks."""
+    return {field: ("w-fz" if spec.kind in ("name", "target") else 1 if spec.kind == "int" else [1] if spec.kind == "ids"
+                    else ["a.py"] if spec.kind == "texts" else "worker" if spec.kind == "enum" else ROOT if spec.kind == "root"
+                    else "text")
+            for field, spec in next(r.schema for (m, p), r in broker_module.ROUTES.items() if p == path).items()}
+
+
+class BrokerFuzzTest(unittest.TestCase):
+    def setUp(self):
+        self.broker = BrokerProcess(env={"CTL_RATE_LIMIT": "100000", "CTL_LEASE_SECONDS": "3600"}).start()
+        self.db_path = os.path.join(self.broker.state_dir, "broker.db")
+
+    def tearDown(self):
+        self.broker.cleanup()
+
+    def fingerprint(self) -> str:
+        db = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True)
+        try:
+            digest = hashlib.sha256()
+            for table in TABLES:
+                for row in db.execute(f"SELECT * FROM {table} ORDER BY rowid"):
+                    digest.update(repr(row).encode())
+            return digest.hexdigest()
+        finally:
+            db.close()
+
+    def exchange(self, raw: bytes) -> int:
+        with socket.create_connection(("127.0.0.1", self.broker.port), timeout=5) as sock:
+            sock.sendall(raw)
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        self.assertTrue(data.startswith(b"HTTP/1.1 "), f"no HTTP answer to {raw[:120]!r}")
+        return int(data.split(b" ", 2)[1])
+
+    def build(self, rng, tokens) -> bytes:
+        routes = sorted(broker_module.ROUTES)
+        method, path = rng.choice(routes)
+        if rng.random() < 0.1:
+            method = rng.choice(["POST", "GET", "PUT", "DELETE", "HEAD", "OPTIONS", "BREW"])
+        body = b""
+        if method == "POST":
+            data = template(path)
+            mutation = rng.randrange(6)
+            if mutation == 0 and data:
+                data.pop(rng.choice(list(data)))
+            elif mutation == 1:
+                data[rng.choice(["from", "sender", "peer_id", "extra", "as"])] = "w-fz"
+            elif mutation in (2, 3) and data:
+                data[rng.choice(list(data))] = random_value(rng)
+            encoded = json.dumps(data).encode()
+            shape = rng.randrange(14)
+            body = (encoded if shape < 10 else encoded[: rng.randrange(max(1, len(encoded)))] if shape == 6
+                    else bytes(rng.randrange(256) for _ in range(rng.randrange(1, 200))) if shape == 7
+                    else b"[" * 3000 + b"]" * 3000 if shape == 8 else b'{"a":1,"a":2}' if shape == 9 else b'{"x": NaN}')
+        elif rng.random() < 0.5:
+            key = rng.choice(["wait", "limit", "status", "key", "since", "challenge", "peer", "x"])
+            value = rng.choice(["0", "-1", "abc", "99999999999999999999999", "", "%00", "done", "1e9", "é"])
+            path = f"{path}?{key}={value}" + rng.choice(["", f"&{key}=1", "&&", "&=x"])
+        if rng.random() < 0.05:
+            path = rng.choice(["/../../etc/passwd", "/%2e%2e/", "/" + "a" * 5000, "/tasks/%00", "*", "/ tasks"])
+        headers = [f"Host: 127.0.0.1:{self.broker.port}" if rng.random() > 0.05 else rng.choice(["Host: evil", "X: y"])]
+        token = rng.choice(tokens)
+        if token is not None:
+            headers.append(f"Authorization: Bearer {token}")
+        if method == "POST":
+            headers.append(rng.choice(["Content-Type: application/json"] * 6 + ["Content-Type: text/plain", "X-No-Type: 1"]))
+            headers.append(f"Content-Length: {len(body)}" if rng.random() > 0.05 else
+                           rng.choice(["Content-Length: 99999999", "Content-Length: x", "Transfer-Encoding: chunked"]))
+        if rng.random() < 0.05:
+            headers.append(rng.choice(["Origin: http://evil.example", "Sec-Fetch-Site: cross-site", "Origin: null"]))
+        head = f"{method} {path} HTTP/1.1\r\n" + "\r\n".join(headers) + "\r\n\r\n"
+        return head.encode("utf-8", "surrogateescape") + body
+
+    def test_hostile_requests_never_break_the_broker(self):
+        rng = random.Random(SEED)
+        architect = self.broker.join("a-fz", role="architect")
+        worker = self.broker.join("w-fz")
+        architect.ok("POST", "/tasks", {"title": "seed"})
+        worker.ok("POST", "/locks", {"path": "seed.py"})
+        tampered = worker.token[:-4] + "AAA="
+        tokens = [None, "garbage", tampered, self.broker.secret("join.secret")] + \
+            [worker.token, architect.token, self.broker.secret("operator.token")] * 3
+        statuses = {}
+        for index in range(2500):
+            raw = self.build(rng, tokens)
+            before = self.fingerprint()
+            status = self.exchange(raw)
+            statuses[status] = statuses.get(status, 0) + 1
+            self.assertLess(status, 500, f"seed {SEED} request {index}: {raw[:200]!r}")
+            if status >= 400:
+                self.assertEqual(self.fingerprint(), before, f"seed {SEED} request {index} was refused "
+                                                             f"({status}) yet changed state: {raw[:200]!r}")
+        self.assertEqual(self.broker.request("GET", "/health")[0], 200)
+        self.assertGreater(len(statuses), 10, f"the fuzzer reached many outcomes: {statuses}")
+        self.assertGreater(statuses.get(200, 0), 100, f"the fuzzer reached the rules, not only the gate: {statuses}")
+        self.assertEqual(self.broker.integrity(), "ok")
+
+
+class McpFuzzTest(unittest.TestCase):
+    def test_malformed_json_rpc_lines_never_break_the_server(self):
+        rng = random.Random(SEED)
+        broker = BrokerProcess(env={"CTL_RATE_LIMIT": "100000"}).start()
+        session = McpSession(broker, project_dir("fuzz"))
+        try:
+            session.initialize()
+            methods = ["initialize", "ping", "tools/list", "tools/call", "notifications/cancelled", "nope", "", 5, None]
+            expected = []
+            for index in range(1500):
+                kind = rng.randrange(6)
+                if kind == 0:
+                    line = bytes(rng.choice(b'{}[]":,\\ abc\x00\xff\xfe') for _ in range(rng.randrange(1, 60)))
+                    session.proc.stdin.write(line.replace(b"\n", b" ") + b"\n")
+                    continue
+                if kind == 1:
+                    session.write(json.dumps(random_value(rng)))
+                    continue
+                if kind == 2:
+                    session.write("[" * 5000 + "]" * 5000)
+                    continue
+                message = {"jsonrpc": rng.choice(["2.0"] * 5 + ["1.0", 2, None])}
+                msg_id = 100000 + index
+                if rng.random() < 0.9:
+                    message["id"] = msg_id
+                message["method"] = rng.choice(methods)
+                if rng.random() < 0.7:
+                    message["params"] = rng.choice([random_value(rng), {"name": rng.choice(["send", "claim_task", "x"]),
+                                                                       "arguments": random_value(rng)}])
+                if message["method"] == "tools/call" and isinstance(message.get("params"), dict) \
+                        and message["params"].get("name") == "claim_task":
+                    message["params"]["arguments"] = {"task_id": "not a number"}
+                session.write(message)
+                if "id" in message:
+                    expected.append(msg_id)
+            session.proc.stdin.flush()
+            self.assertEqual(session.request("ping", timeout=60)["result"], {}, "still answering after the barrage")
+            answered, deadline = set(), time.time() + 30
+            while time.time() < deadline and not set(expected) <= answered:
+                with session.cond:
+                    for line in session.lines:
+                        for item in json.loads(line) if line and line.startswith("[") else [json.loads(line or "null")]:
+                            if isinstance(item, dict) and isinstance(item.get("id"), int):
+                                answered.add(item["id"])
+                time.sleep(0.2)
+            self.assertIsNone(session.proc.poll(), "the server is alive")
+            self.assertEqual(set(expected) - answered, set(), f"seed {SEED}: every request with an id is answered")
+        finally:
+            session.dispose()
+            broker.cleanup()
+
+
+if __name__ == "__main__":
+    unittest.main()
