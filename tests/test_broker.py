@@ -388,7 +388,9 @@ class FrontDoorTest(BrokerTestCase):
         self.assertEqual(status, 405)
         for garbage in (b"\x00\x01\x02\r\n\r\n", b"GET\r\n\r\n", b"GET / HTTP/9.9\r\nHost: x\r\n\r\n",
                         b"GET http://evil/ HTTP/1.1\r\n\r\n", b"GET /health HTTP/1.1\r\n" + b"X: y\r\n" * 200 + b"\r\n",
-                        b"GET /health HTTP/1.1\r\nHost: " + b"a" * 20000 + b"\r\n\r\n"):
+                        b"GET /health HTTP/1.1\r\nHost: " + b"a" * 20000 + b"\r\n\r\n",
+                        self.head(b"Host: evil.example\r\n"), self.head(b" folded: line\r\n"),
+                        self.head(b"Bad Name: x\r\n"), self.head(b"NoColon\r\n")):
             raw = self.broker.raw(garbage)
             self.assertIn(self.status_of(raw), (400, 421, 431, 505), garbage[:40])
         self.assertEqual(self.broker.request("GET", "/health")[0], 200)
