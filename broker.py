@@ -81,6 +81,7 @@ IDLE_TIMEOUT = 120.0        # keep-alive connections with nothing in flight
 WRITE_TIMEOUT = 10.0
 MAX_WAIT_SECONDS = 60
 EVENTS_KEPT = 2000
+PRUNE_EVERY = 30.0          # seconds between retention passes
 CATEGORIES = ("info", "question", "answer", "status", "handoff", "blocker")
 TASK_STATUSES = ("blocked", "ready", "claimed", "done")
 ROOM_STATES = ("running", "paused", "stopped")
@@ -1274,6 +1275,7 @@ class Broker:
         self.allowed_hosts = {f"{host}:{port}", f"localhost:{port}"}
         self.allowed_origins = {f"http://{h}" for h in self.allowed_hosts}
         self.started = time.time()
+        self.next_prune = self.started + PRUNE_EVERY
         self.connections = 0
         self.dashboard = self._load_dashboard()
 
@@ -1437,7 +1439,8 @@ class Broker:
         try:
             if self.store.reap(now):
                 self.store.wake_everyone = True
-            if int(now) % 30 == 0:
+            if now >= self.next_prune:
+                self.next_prune = now + PRUNE_EVERY
                 self.store.prune()
         except sqlite3.Error as exc:
             log(f"tick failed (will retry): {exc}")

@@ -53,6 +53,18 @@ def resolve_state_dir(state_arg=None) -> str:
     return os.path.abspath(os.path.expanduser(raw))
 
 
+def _refuse_unsafe(path: str, st: os.stat_result, is_kind, kind: str, mode: str) -> None:
+    """A link, the wrong kind, another owner or loose permissions: refuse, saying how to fix it."""
+    if stat.S_ISLNK(st.st_mode):
+        raise StateError(f"{path} is a symlink; replace it with a real {kind}")
+    if not is_kind(st.st_mode):
+        raise StateError(f"{path} is not a {kind}; remove it")
+    if st.st_uid != os.getuid():
+        raise StateError(f"{path} belongs to another user; remove it")
+    if st.st_mode & 0o077:
+        raise StateError(f"{path} is accessible to other users; run: chmod {mode} {path}")
+
+
 def ensure_state_dir(path: str, create: bool = True) -> str:
     """Create the directory 0700, or refuse one that a link, another user or loose permissions make unsafe."""
     try:
@@ -66,14 +78,7 @@ def ensure_state_dir(path: str, create: bool = True) -> str:
         except FileExistsError:
             pass
         st = os.lstat(path)
-    if stat.S_ISLNK(st.st_mode):
-        raise StateError(f"state directory {path} is a symlink; use a real directory")
-    if not stat.S_ISDIR(st.st_mode):
-        raise StateError(f"state directory {path} is not a directory")
-    if st.st_uid != os.getuid():
-        raise StateError(f"state directory {path} belongs to another user")
-    if st.st_mode & 0o077:
-        raise StateError(f"state directory {path} is accessible to other users; run: chmod 700 {path}")
+    _refuse_unsafe(path, st, stat.S_ISDIR, "directory", "700")
     return path
 
 
@@ -83,14 +88,7 @@ def check_private_file(path: str) -> bool:
         st = os.lstat(path)
     except FileNotFoundError:
         return False
-    if stat.S_ISLNK(st.st_mode):
-        raise StateError(f"{path} is a symlink; remove it")
-    if not stat.S_ISREG(st.st_mode):
-        raise StateError(f"{path} is not a regular file; remove it")
-    if st.st_uid != os.getuid():
-        raise StateError(f"{path} belongs to another user; remove it")
-    if st.st_mode & 0o077:
-        raise StateError(f"{path} is readable by other users; run: chmod 600 {path}")
+    _refuse_unsafe(path, st, stat.S_ISREG, "file", "600")
     return True
 
 

@@ -86,7 +86,7 @@ class Session:
     def __init__(self, port: int, state_dir: str, cwd: str):
         self.port, self.state_dir, self.cwd = port, state_dir, cwd
         self.name = os.environ.get("CTL_NAME") or default_name(cwd)
-        self.role = os.environ.get("CTL_ROLE") or None
+        self.first_role = os.environ.get("CTL_ROLE") or None      # asked for on the first join only
         self.summary = ""
         self.token = None
         self.watch_token = None
@@ -124,20 +124,20 @@ class Session:
                 raise ToolRefusal(f"could not start or reach the broker on port {self.port} ({exc}); "
                                   "ask the human to run: python launch.py")
 
-    def join(self, name=None, role=None, summary=None, resume=True) -> dict:
+    def join(self, name=None, role=None, summary=None) -> dict:
         """Join (or rejoin) the room; on a name clash for a default name, try name-2, name-3, ..."""
         with self.lock:
             if self.kicked:
                 raise ToolRefusal("the operator removed this session from the room; stop and ask the human")
             chosen = name or self.name
-            self.role = role or self.role
+            asked_role = role or (None if self.joined_once else self.first_role)
             self.summary = summary if summary is not None else self.summary
             candidates = [chosen] if name or self.joined_once else [chosen] + [f"{chosen[:29]}-{i}" for i in range(2, 10)]
             for candidate in candidates:
                 body = {"name": candidate, "summary": self.summary, "root": self.cwd}
-                if self.role:
-                    body["role"] = self.role
-                if resume and self.token and candidate == self.name:
+                if asked_role:
+                    body["role"] = asked_role       # without one, a rejoin keeps the role the broker holds
+                if self.token and candidate == self.name:
                     body["resume"] = self.token
                 status, data = self._join_request(body)
                 if status == 200:
@@ -146,7 +146,9 @@ class Session:
                 if code not in ("name_taken", "lookalike_name") or candidate == candidates[-1]:
                     raise ToolRefusal(data.get("error", {}).get("message", f"join failed ({status})"))
             old_name = self.name
-            self.name, self.role, self.token = data["name"], data["role"], data["token"]
+            if self.token and data["name"] != old_name:
+                self._leave_quietly()
+            self.name, self.token = data["name"], data["token"]
             self.watch_token, self.lease_seconds, self.room = data["watch_token"], data["lease_seconds"], data["room"]
             self.joined_once = True
             self._write_watch_ticket(old_name)
@@ -233,12 +235,16 @@ class Session:
         with self.lock:
             if self.token is None or self.kicked:
                 return
-            try:
-                self.client().request("POST", "/leave", {}, token=self.token, timeout=3)
-            except BrokerUnavailable:
-                pass
-            remove_quietly(os.path.join(self._watch_dir(), f"{self.name}.json"))
+            self._leave_quietly()
             self.token = None
+
+    def _leave_quietly(self) -> None:
+        """Give back this identity's claims and locks now rather than at lease expiry."""
+        try:
+            self.client().request("POST", "/leave", {}, token=self.token, timeout=3)
+        except BrokerUnavailable:
+            pass
+        remove_quietly(os.path.join(self._watch_dir(), f"{self.name}.json"))
 
     def heartbeat_forever(self) -> None:
         """Renew the session's leases; if the broker went away, bring it back and rejoin."""
@@ -272,8 +278,7 @@ TASK_ID_SCHEMA = {"type": "integer", "minimum": 1}
 STR = {"type": "string"}
 INT = {"type": "integer"}
 STRS = {"type": "array", "items": STR}
-TASK_OUT = {"type": "object", "required": ["id", "title", "status"], "properties": {
-    "id": INT, "title": STR, "status": STR, "depends_on": {"type": "array", "items": INT}}}
+TASK_OUT = {"type": "object", "required": ["id", "title", "status"], "properties": {"id": INT, "title": STR, "status": STR}}
 
 
 def _obj(required: list, **properties) -> dict:
@@ -415,8 +420,8 @@ def _writes(destructive=False, idempotent=False) -> dict:
             "openWorldHint": False}
 
 
-MESSAGE_OUT = _out(["id", "from", "category", "content"], id=INT, **{"from": STR}, from_role=STR, origin=STR,
-                   to=STR, category=STR, content=STR, at={"type": "number"}, flagged={"type": "boolean"})
+MESSAGE_OUT = _out(["id", "from", "origin", "category", "content"], id=INT, **{"from": STR}, origin=STR,
+                   category=STR, content=STR)
 
 TOOLS = [
     Tool("join", "Join the room",
@@ -424,14 +429,14 @@ TOOLS = [
          _obj([], name=NAME_SCHEMA, role={"type": "string", "enum": ["worker", "architect"]},
               summary=_text(2000, description="what you are working on")),
          _out(["name", "role", "room", "peers"], name=STR, role=STR, room=STR, watch=STR,
-              peers={"type": "array", "items": _out(["name", "role"], name=STR, role=STR, state=STR, summary=STR)}),
+              peers={"type": "array", "items": _out(["name", "role"], name=STR, role=STR)}),
          _writes(idempotent=True), t_join),
     Tool("send", "Send a message",
          "Message a peer by name, or everyone with to=\"*\". category \"blocker\" also alerts the architect and the human.",
          _obj(["to", "content"], to={"type": "string", "pattern": "^(\\*|[A-Za-z0-9][A-Za-z0-9._-]{0,31})$"},
               content=_text(8000, minLength=1),
               category={"type": "string", "enum": ["info", "question", "answer", "status", "handoff", "blocker"]}),
-         _out(["message_id", "delivered_to"], message_id=INT, delivered_to=STRS, held=STR, flagged=STR),
+         _out(["message_id", "delivered_to"], message_id=INT, delivered_to=STRS),
          _writes(), t_send),
     Tool("check", "Check inbox",
          "Return your unread messages (and mark them read), waiting up to wait_seconds for the first.",
@@ -457,13 +462,13 @@ TOOLS = [
          TASK_OUT, _writes(), t_complete_task),
     Tool("lock_file", "Lock a file", "Reserve a file in your project before editing it, so no peer edits it too.",
          _obj(["path"], path=_text(1024, minLength=1), reason=_text(200)),
-         _out(["path", "holder"], path=STR, holder=STR, reason=STR), _writes(idempotent=True), t_lock_file),
+         _out(["path", "holder"], path=STR, holder=STR), _writes(idempotent=True), t_lock_file),
     Tool("unlock_file", "Unlock a file", "Release a file you locked.",
          _obj(["path"], path=_text(1024, minLength=1)), _out(["unlocked"], unlocked=STR),
          _writes(destructive=True, idempotent=True), t_unlock_file),
     Tool("set_memory", "Set shared memory", "Architect only: store a decision under a key, readable by all.",
          _obj(["key", "value"], key=_text(128, minLength=1), value=_text(8000, minLength=1)),
-         _out(["key"], key=STR, bytes=INT), _writes(destructive=True, idempotent=True), t_set_memory),
+         _out(["key"], key=STR), _writes(destructive=True, idempotent=True), t_set_memory),
     Tool("get_memory", "Get shared memory", "Read one shared memory key, or all of them.",
          _obj([], key=_text(128, minLength=1)),
          _out(["entries"], entries={"type": "array", "items": _out(["key", "value"], key=STR, value=STR)}),
@@ -814,7 +819,7 @@ def main(argv=None) -> int:
     session.stopping.set()
     server.pool.shutdown(wait=False, cancel_futures=True)
     session.leave()
-    return 0
+    os._exit(0)     # at once: a tool call still waiting on the broker must not hold the exit
 
 
 if __name__ == "__main__":

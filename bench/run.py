@@ -286,37 +286,45 @@ def claim_race(ours, tasks: int = 200, claimers: int = 20) -> dict:
     return {"requests_per_s": tasks * claimers / elapsed, "exactly_one": all(v == 1 for v in wins.values())}
 
 
-def empty_read_cost(stored: int, reads: int = 1000) -> float:
-    """Median microseconds for an empty inbox read with `stored` messages in the database."""
+def stored_broker(stored: int):
+    """A broker whose database already holds `stored` messages (10% of them unread by another peer)."""
     ours = Ours(env={"CTL_RETENTION": str(stored * 2)}).start()
+    reader, sink = ours.peer("reader"), ours.peer("sink")
+    ours.stop()
+    db = sqlite3.connect(os.path.join(ours.state, "broker.db"))
+    sink_id = db.execute("SELECT id FROM peers WHERE name='sink'").fetchone()[0]
+    now = time.time()
+    db.execute("BEGIN")
+    for start in range(0, stored, 50_000):
+        rows = range(start, min(stored, start + 50_000))
+        db.executemany("INSERT INTO messages(id, sender, sender_role, origin, recipient, category, content, created_at) "
+                       "VALUES(?, 'sink', 'worker', 'agent', 'sink', 'info', 'stored message body', ?)",
+                       [(i + 1, now) for i in rows])
+        db.executemany("INSERT INTO deliveries(peer_id, message_id, acked) VALUES(?, ?, ?)",
+                       [(sink_id, i + 1, int(i % 10 != 0)) for i in rows])
+    db.commit()
+    db.close()
+    return ours.start(), reader
+
+
+def empty_read_costs(sizes: list, blocks: int = 20, per_block: int = 100) -> list:
+    """Median µs of an empty inbox read for each store size; both brokers run at once and take turns,
+    so machine noise falls on both alike."""
+    brokers = [stored_broker(size) for size in sizes]
     try:
-        reader, sink = ours.peer("reader"), ours.peer("sink")
-        ours.stop()
-        db = sqlite3.connect(os.path.join(ours.state, "broker.db"))
-        sink_id = db.execute("SELECT id FROM peers WHERE name='sink'").fetchone()[0]
-        now = time.time()
-        db.execute("BEGIN")
-        batch = 50_000
-        for start in range(0, stored, batch):
-            rows = range(start, min(stored, start + batch))
-            db.executemany("INSERT INTO messages(id, sender, sender_role, origin, recipient, category, content, created_at) "
-                           "VALUES(?, 'sink', 'worker', 'agent', 'sink', 'info', 'stored message body', ?)",
-                           [(i + 1, now) for i in rows])
-            db.executemany("INSERT INTO deliveries(peer_id, message_id, acked) VALUES(?, ?, ?)",
-                           [(sink_id, i + 1, int(i % 10 != 0)) for i in rows])
-        db.commit()
-        db.close()
-        ours.start()
-        client = Http(ours.port)
-        timings = []
-        for _ in range(reads):
-            started = time.perf_counter()
-            status, data = client.call("GET", "/inbox?limit=20", token=reader["token"])
-            timings.append((time.perf_counter() - started) * 1e6)
-            assert status == 200 and not data["messages"]
-        return statistics.median(timings)
+        clients = [(Http(ours.port), reader) for ours, reader in brokers]
+        timings = [[] for _ in sizes]
+        for _ in range(blocks):
+            for index, (client, reader) in enumerate(clients):
+                for _ in range(per_block):
+                    started = time.perf_counter()
+                    status, data = client.call("GET", "/inbox?limit=20", token=reader["token"])
+                    timings[index].append((time.perf_counter() - started) * 1e6)
+                    assert status == 200 and not data["messages"]
+        return [statistics.median(t) for t in timings]
     finally:
-        ours.cleanup()
+        for ours, _ in brokers:
+            ours.cleanup()
 
 
 def cold_start(system, runs: int) -> tuple:
@@ -342,6 +350,65 @@ def cold_start(system, runs: int) -> tuple:
         proc.wait()
     shutil.rmtree(workdir, ignore_errors=True)
     return statistics.median(timings), size
+
+
+def mcp_session(ours, name: str, push: bool):
+    """A joined mcp_server.py session, spoken to over stdio."""
+    env = {**os.environ, "CTL_PORT": str(ours.port), "CTL_STATE_DIR": ours.state, "CTL_NAME": name,
+           "CTL_CHANNEL": "1" if push else "0"}
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "mcp_server.py")], env=env, cwd=tempfile.mkdtemp(),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    for message in ({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+                        "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "b", "version": "1"}}},
+                    {"jsonrpc": "2.0", "method": "notifications/initialized"},
+                    {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "join", "arguments": {}}}):
+        proc.stdin.write((json.dumps(message) + "\n").encode())
+        proc.stdin.flush()
+    while json.loads(proc.stdout.readline()).get("id") != 2:
+        pass
+    return proc
+
+
+def push_latency(ours, samples: int) -> list:
+    """From a send to the recipient's MCP server writing the channel notification on stdout."""
+    session = mcp_session(ours, "pushed", push=True)
+    sender = Client(ours.peer(f"push-s-{time.time_ns()}"))
+    timings = []
+    try:
+        for i in range(samples):
+            time.sleep(0.01)
+            started = time.perf_counter()
+            sender.send("pushed", f"push {i}")
+            while f"push {i}" not in session.stdout.readline().decode():
+                pass
+            timings.append((time.perf_counter() - started) * 1000)
+    finally:
+        session.kill()
+        session.wait()
+    return sorted(timings)
+
+
+def watcher_latency(ours, samples: int) -> list:
+    """From a send to a waiting `mcp_server.py watch` printing it and exiting (what wakes the agent)."""
+    session = mcp_session(ours, "watched", push=False)
+    sender = Client(ours.peer(f"watch-s-{time.time_ns()}"))
+    env = {**os.environ, "CTL_PORT": str(ours.port), "CTL_STATE_DIR": ours.state}
+    timings = []
+    try:
+        for i in range(samples):
+            watcher = subprocess.Popen([sys.executable, os.path.join(ROOT, "mcp_server.py"), "watch", "watched"],
+                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+            time.sleep(0.4)        # started and waiting on the broker
+            started = time.perf_counter()
+            sender.send("watched", f"watch {i}")
+            out = watcher.stdout.read()
+            watcher.wait()
+            timings.append((time.perf_counter() - started) * 1000)
+            assert f"watch {i}".encode() in out
+    finally:
+        session.kill()
+        session.wait()
+    return sorted(timings)
 
 
 def _flood(peer: dict, to: str, count: int):
@@ -419,10 +486,15 @@ def main() -> int:
         for label, fraction in (("p50", 0.5), ("p99", 0.99)):
             row(f"send → waiting read returns, {label}", "ms", percentile(merged[ours.name], fraction),
                 percentile(merged[caucus.name], fraction) if caucus else "n/a", "lower")
+        pushed = push_latency(ours, samples)
+        row("send → MCP channel push written, p50 / p99", "ms",
+            f"{percentile(pushed, 0.5):.1f} / {percentile(pushed, 0.99):.1f}", "not measured", "")
+        woke = watcher_latency(ours, 10 if args.quick else 20)
+        row("send → watcher prints and exits, median", "ms", statistics.median(woke), "not measured", "")
         race = claim_race(ours)
         row("claim race, 20 claimers × 200 tasks", "claims/s", race["requests_per_s"], "n/a (no tasks)", "higher")
         row("claim race: exactly one winner per task", "", "yes" if race["exactly_one"] else "NO", "n/a", "")
-        small, large = empty_read_cost(10_000), empty_read_cost(big)
+        small, large = empty_read_costs([10_000, big])
         row("empty inbox read, 10k stored messages", "µs", small, "n/a (in memory)", "lower")
         row(f"empty inbox read, {big:,} stored messages", "µs", large, "n/a (in memory)", "lower")
         row(f"read cost ratio {big // 1000}k / 10k", "", f"{large / small:.2f}", "n/a", "")

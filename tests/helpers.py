@@ -70,16 +70,6 @@ class BrokerProcess:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
 
-    def dispose(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        for pipe in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
-            try:
-                pipe.close()
-            except (OSError, ValueError):
-                pass
-
     def stop(self):
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()

@@ -213,6 +213,22 @@ class ToolsTest(McpTestCase):
         self.assertIn("removed this session", self.text(kicked))
         self.assertTrue(worker.call("join", {})["isError"], "a kicked session does not sneak back in")
 
+    def test_superseded_token_rejoins_transparently_and_renaming_leaves(self):
+        op = self.broker.operator()
+        planner = self.session("seat")
+        planner.ok("join", {"role": "architect"})
+        planner.ok("create_task", {"title": "planned"})
+        op.ok("POST", "/operator/architect", {"name": None})
+        listing = planner.call("list_tasks", {})
+        self.assertFalse(listing["isError"], "a 401 for a superseded token is healed by a rejoin")
+        refused = planner.call("create_task", {"title": "no longer mine"})
+        self.assertTrue(refused["isError"], "the rejoin keeps the role the operator set")
+        planner.ok("lock_file", {"path": "old.py"})
+        self.assertEqual(planner.ok("join", {"name": "renamed"})["name"], "renamed")
+        names = [p["name"] for p in op.ok("GET", "/state")["peers"] if p["state"] == "alive"]
+        self.assertNotIn("seat", names, "the old identity left")
+        self.assertEqual(op.ok("GET", "/locks")["locks"], [], "and gave back its locks")
+
     def test_watcher_prints_the_next_message_and_exits(self):
         listener = self.session("listener")
         joined = listener.ok("join", {})
