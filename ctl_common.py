@@ -7,7 +7,6 @@ import base64
 import binascii
 import hashlib
 import hmac
-import http.client
 import json
 import os
 import secrets
@@ -163,6 +162,13 @@ def challenge_proof(key: str, nonce: str) -> str:
     return hmac.new(key.encode(), CHALLENGE_PREFIX + nonce.encode(), hashlib.sha256).hexdigest()
 
 
+def _http():
+    """http.client drags in the email package (about 30 ms): imported on first use, so that an MCP
+    session answers initialize and tools/list before it has ever needed the broker."""
+    import http.client
+    return http.client
+
+
 class BrokerUnavailable(Exception):
     """Nothing answers on the broker port, or what answers is not our broker."""
 
@@ -201,7 +207,7 @@ class BrokerClient:
         return response.status, data
 
     def _connect(self, timeout: float) -> None:
-        self._conn = http.client.HTTPConnection(HOST, self.port, timeout=timeout)
+        self._conn = _http().HTTPConnection(HOST, self.port, timeout=timeout)
         if self.verify_key is None:
             return
         nonce = secrets.token_hex(16)
@@ -229,7 +235,7 @@ class BrokerClient:
                 if self._conn.sock is not None:
                     self._conn.sock.settimeout(wait)
                 return self._exchange(method, path, payload, headers)
-            except (ConnectionError, http.client.HTTPException, OSError) as exc:
+            except (ConnectionError, _http().HTTPException, OSError) as exc:
                 self.close()
                 if attempt == 2 or isinstance(exc, (ConnectionRefusedError, TimeoutError)):
                     raise BrokerUnavailable(f"broker on port {self.port} is unreachable: {exc}") from exc
