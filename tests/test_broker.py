@@ -683,3 +683,37 @@ class DurabilityTest(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class RetentionTest(unittest.TestCase):
+    """The store's own pruning on a real database file: old read messages go, unread ones never do."""
+
+    def test_prune_keeps_unread_and_bounds_the_rest(self):
+        import broker
+        folder = tempfile.mkdtemp(prefix="ctl-retention-")
+        settings = broker.Settings(rate_limit=10, lease_seconds=30, token_ttl=60, retention=100, max_connections=8)
+        store = broker.Store(os.path.join(folder, "broker.db"), settings)
+        try:
+            now = time.time()
+            store.join("keeper", None, "", None, None, now)
+            reader = store.join("reader", None, "", None, None, now)
+            operator = broker.Actor("operator")
+            for i in range(300):
+                store.send(operator, "reader", f"m{i}", "info", now)
+            unread = store.inbox(reader["id"], 100)["messages"]
+            store.ack(reader["id"], [m["delivery_id"] for m in unread[:90]])
+            store.prune()
+            kept = [row[0] for row in store.db.execute("SELECT content FROM messages ORDER BY id")]
+            self.assertEqual(kept, [f"m{i}" for i in range(90, 300)],
+                             "read messages older than the newest 100 are gone; unread ones all stay")
+            remaining = []
+            while True:
+                batch = store.inbox(reader["id"], 100)["messages"]
+                if not batch:
+                    break
+                remaining += [m["content"] for m in batch]
+                store.ack(reader["id"], [m["delivery_id"] for m in batch])
+            self.assertEqual(remaining, [f"m{i}" for i in range(90, 300)], "every unread message survived, in order")
+            self.assertEqual(store.integrity(), "ok")
+        finally:
+            store.close()
