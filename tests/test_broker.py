@@ -395,6 +395,15 @@ class FrontDoorTest(BrokerTestCase):
             self.assertIn(self.status_of(raw), (400, 421, 431, 505), garbage[:40])
         self.assertEqual(self.broker.request("GET", "/health")[0], 200)
 
+    def test_control_characters_are_escaped_in_the_log(self):
+        raw = self.broker.raw(self.head(path=b"/%1b[2Jfake%0alog-line"))
+        self.assertEqual(self.status_of(raw), 404)
+        time.sleep(0.2)
+        log = self.broker.read_log()
+        self.assertIn("\\x1b[2Jfake\\nlog-line", log)
+        self.assertNotIn("\x1b", log)
+        self.assertNotIn("\nlog-line", log)
+
     def test_slow_and_idle_clients_do_not_stall_others(self):
         idle = [socket.create_connection(("127.0.0.1", self.broker.port)) for _ in range(50)]
         drip = socket.create_connection(("127.0.0.1", self.broker.port))
