@@ -532,19 +532,32 @@ class Store:
             "SELECT d.depends_on FROM task_deps d JOIN tasks t ON t.id = d.depends_on "
             "WHERE d.task_id=? AND t.status != 'done' ORDER BY d.depends_on", (task_id,))]
 
+    def _task_views(self, rows: list) -> list:
+        """Views of many tasks in two queries, not three per task: the dashboard lists them all."""
+        edges = ("SELECT d.task_id, d.depends_on, t.status FROM task_deps d JOIN tasks t ON t.id = d.depends_on"
+                 + (" WHERE d.task_id = ?" if len(rows) == 1 else "") + " ORDER BY d.depends_on")
+        deps = {}
+        for task_id, dependency, status in self.db.execute(edges, (rows[0]["id"],) if len(rows) == 1 else ()):
+            deps.setdefault(task_id, []).append((dependency, status))
+        names = dict(self.db.execute("SELECT id, name FROM peers").fetchall())
+        views = []
+        for row in rows:
+            edges_of = deps.get(row["id"], [])
+            view = {"id": row["id"], "title": row["title"], "status": row["status"],
+                    "depends_on": [d for d, _ in edges_of]}
+            if row["description"]:
+                view["description"] = row["description"]
+            if row["status"] == "blocked":
+                view["waiting_on"] = [d for d, status in edges_of if status != "done"]
+            if row["assignee_id"] is not None:
+                view["assignee"] = names.get(row["assignee_id"])
+            if row["status"] == "done":
+                view.update(done_by=row["done_by"], summary=row["summary"], files=json.loads(row["files"] or "[]"))
+            views.append(view)
+        return views
+
     def _task_view(self, row) -> dict:
-        view = {"id": row["id"], "title": row["title"], "status": row["status"],
-                "depends_on": self._deps(row["id"])}
-        if row["description"]:
-            view["description"] = row["description"]
-        if row["status"] == "blocked":
-            view["waiting_on"] = self._waiting_on(row["id"])
-        if row["assignee_id"] is not None:
-            holder = self.peer_by_id(row["assignee_id"])
-            view["assignee"] = holder["name"] if holder else None
-        if row["status"] == "done":
-            view.update(done_by=row["done_by"], summary=row["summary"], files=json.loads(row["files"] or "[]"))
-        return view
+        return self._task_views([row])[0]
 
     def _check_deps_exist(self, depends_on: list) -> None:
         if not depends_on:
@@ -613,7 +626,7 @@ class Store:
         counts = dict.fromkeys(TASK_STATUSES, 0)
         for row in self.db.execute("SELECT status, COUNT(*) FROM tasks GROUP BY status"):
             counts[row[0]] = row[1]
-        return {"tasks": [self._task_view(r) for r in rows], "counts": counts}
+        return {"tasks": self._task_views(rows) if rows else [], "counts": counts}
 
     def claim(self, peer, task_id, now: float) -> dict:
         with self.tx():
@@ -1182,8 +1195,6 @@ ROUTES = {
 ROUTE_METHODS = {}
 for _method, _path in ROUTES:
     ROUTE_METHODS.setdefault(_path, []).append(_method)
-DASHBOARD_PATHS = ("/", "/dashboard.html")
-NO_CONTENT_PATHS = ("/favicon.ico",)
 
 
 # ---------------------------------------------------------------- the front door and auth
@@ -1277,7 +1288,17 @@ class Broker:
         self.started = time.time()
         self.next_prune = self.started + PRUNE_EVERY
         self.connections = 0
-        self.dashboard = self._load_dashboard()
+        self.static_pages = self._static_pages()
+
+    def _static_pages(self) -> dict:
+        """GET responses that carry no data, so they need no token: path -> (status, body, headers)."""
+        dashboard = self._load_dashboard()
+        if dashboard is None:
+            page = (404, {"error": {"code": "no_dashboard", "message": "dashboard.html is missing next to broker.py"}}, {})
+        else:
+            page = (200, dashboard[0], {"Content-Type": "text/html; charset=utf-8",
+                                        "Content-Security-Policy": dashboard[1]})
+        return {"/": page, "/dashboard.html": page, "/favicon.ico": (204, b"", {})}
 
     def _load_dashboard(self):
         beside = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dashboard.html")
@@ -1292,12 +1313,15 @@ class Broker:
         else:
             return None
         text = page.decode("utf-8")
-        hashes = {kind: [f"'sha256-{b64encode(hashlib.sha256(body.encode()).digest()).decode()}'"
-                         for body in re.findall(rf"<{kind}>(.*?)</{kind}>", text, re.S)]
-                  for kind in ("script", "style")}
-        csp = (f"default-src 'none'; script-src {' '.join(hashes['script']) or chr(39) + 'none' + chr(39)}; "
-               f"style-src {' '.join(hashes['style']) or chr(39) + 'none' + chr(39)}; connect-src 'self'; "
-               "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+        def allowed(tag: str) -> str:
+            """The page's own inline blocks, by hash: nothing else may run or style it."""
+            digests = [b64encode(hashlib.sha256(body.encode()).digest()).decode()
+                       for body in re.findall(rf"<{tag}>(.*?)</{tag}>", text, re.S)]
+            return " ".join(f"'sha256-{d}'" for d in digests) or "'none'"
+
+        csp = (f"default-src 'none'; script-src {allowed('script')}; style-src {allowed('style')}; "
+               "connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
         return page, csp
 
     def mint(self, peer, scope: str) -> str:
@@ -1368,14 +1392,12 @@ class Broker:
         return Actor("watch" if scope == "watch" else "peer", peer)
 
     def handle(self, req: Request):
-        """Return (status, body dict) or a Park; never raise."""
+        """Return (status, body, extra headers) or a Park; never raise."""
         actor = None
         try:
             self.gate(req)
-            if req.method == "GET" and req.path in DASHBOARD_PATHS:
-                return self.serve_dashboard()
-            if req.method == "GET" and req.path in NO_CONTENT_PATHS:
-                return 204, b"", {}
+            if req.method == "GET" and req.path in self.static_pages:
+                return self.static_pages[req.path]
             route = ROUTES.get((req.method, req.path))
             if route is None:
                 if req.path in ROUTE_METHODS:
@@ -1426,12 +1448,6 @@ class Broker:
             self.store.record_event(kind, who, detail)
         except sqlite3.Error:
             pass
-
-    def serve_dashboard(self):
-        if self.dashboard is None:
-            raise ApiError(404, "no_dashboard", "dashboard.html is missing next to broker.py")
-        page, csp = self.dashboard
-        return 200, page, {"Content-Type": "text/html; charset=utf-8", "Content-Security-Policy": csp}
 
     def tick(self) -> None:
         """Once a second from the loop: leases and retention. Errors are logged, never fatal."""
@@ -1516,7 +1532,7 @@ class HttpLoop:
         self.running = True
 
     def serve_forever(self) -> None:
-        next_tick = 0.0
+        next_tick = next_expiry = 0.0
         while self.running:
             for key, mask in self.selector.select(0.05):
                 if key.data is None:
@@ -1528,7 +1544,9 @@ class HttpLoop:
                 if mask & selectors.EVENT_READ and conn in self.connections:
                     self._read(conn)
             now = time.monotonic()
-            self._expire(now)
+            if now >= next_expiry:          # deadlines are coarse: no need to scan every socket per request
+                next_expiry = now + 0.05
+                self._expire(now)
             if now >= next_tick:
                 next_tick = now + 1.0
                 self.broker.tick()

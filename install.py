@@ -118,8 +118,9 @@ def edit_json(path: str, entry, remove: bool) -> str:
 TOML_SECTION = re.compile(r"(?ms)^\[mcp_servers\.ctl\][^\n]*\n.*?(?=^\[|\Z)")
 
 
-def toml_string(value: str) -> str:
-    return json.dumps(value)          # a JSON string is a valid TOML basic string
+def codex_section(command: list) -> str:
+    quoted = [json.dumps(part) for part in command]      # a JSON string is a valid TOML basic string
+    return f"[mcp_servers.{SERVER_NAME}]\ncommand = {quoted[0]}\nargs = [{', '.join(quoted[1:])}]\n"
 
 
 def edit_codex(path: str, command: list, remove: bool) -> str:
@@ -130,8 +131,7 @@ def edit_codex(path: str, command: list, remove: bool) -> str:
         except tomllib.TOMLDecodeError as exc:
             raise InstallError(f"{path} is not valid TOML ({exc}); fix or move it first, it was left untouched")
     current = text or ""
-    section = (f"[mcp_servers.{SERVER_NAME}]\ncommand = {toml_string(command[0])}\n"
-               f"args = [{', '.join(toml_string(a) for a in command[1:])}]\n")
+    section = codex_section(command)
     found = TOML_SECTION.search(current)
     if remove:
         if not found:
@@ -167,8 +167,7 @@ def target_path(args) -> str:
 
 def snippet(args, command: list) -> str:
     if args.client == "codex":
-        return (f"[mcp_servers.{SERVER_NAME}]\ncommand = {toml_string(command[0])}\n"
-                f"args = [{', '.join(toml_string(a) for a in command[1:])}]")
+        return codex_section(command).rstrip("\n")
     return json.dumps({"mcpServers": {SERVER_NAME: json_entry(command, args.client)}}, indent=2)
 
 

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import secrets
+import shlex
 import signal
 import sys
 import threading
@@ -190,7 +191,7 @@ class Session:
         if self.state_dir != ctl_common.resolve_state_dir(ctl_common.DEFAULT_STATE_DIR):
             command += ["--state-dir", self.state_dir]
         command += ["watch", self.name]
-        return " ".join(_shell_quote(part) for part in command)
+        return shlex.join(command)
 
     def ensure_joined(self) -> None:
         if self.token is None:
@@ -720,10 +721,6 @@ class Server:
     def push_event(self, content: str, meta: dict) -> None:
         self.send({"jsonrpc": "2.0", "method": "notifications/claude/channel",
                    "params": {"content": content, "meta": meta}})
-
-
-def _shell_quote(part: str) -> str:
-    return part if re.fullmatch(r"[A-Za-z0-9_./:=-]+", part) else "'" + part.replace("'", "'\\''") + "'"
 
 
 def error_response(msg_id, code: int, message: str) -> dict:

@@ -1,4 +1,5 @@
 """Real brokers and real MCP servers as subprocesses on free loopback ports, each with its own state dir."""
+import contextlib
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import ctl_common  # noqa: E402
+import launch  # noqa: E402
 
 BROKER = os.path.join(ROOT, "broker.py")
 MCP_SERVER = os.path.join(ROOT, "mcp_server.py")
@@ -88,13 +90,10 @@ class BrokerProcess:
 
     def kill_detached(self):
         """Stop a broker that an MCP server started on this state directory (its pid is in broker.pid)."""
-        try:
-            with open(os.path.join(self.state_dir, "broker.pid")) as handle:
-                words = handle.read().split()
-            pid = int(words[1])
-            os.kill(pid, signal.SIGKILL)
-        except (OSError, ValueError, IndexError):
-            pass
+        pid = launch.recorded_pid(self.state_dir)
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
     def secret(self, name):
         return ctl_common.read_secret(self.state_dir, name)
