@@ -259,8 +259,9 @@ def broker_running(port: int, state_dir: str) -> bool:
         return False
 
 
-def spawn_broker(port: int, state_dir: str, wait: float = 10.0) -> int:
-    """Start a detached broker (log in the state directory) and wait until it proves itself; return its pid."""
+def spawn_broker(port: int, state_dir: str, wait: float = 10.0) -> None:
+    """Start a detached broker (log in the state directory) and wait until a broker proves itself there:
+    ours, or one another session started at the same moment (the loser of that race exits at once)."""
     ensure_state_dir(state_dir)
     log_path = os.path.join(state_dir, "broker.log")
     broker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "broker.py")
@@ -270,8 +271,8 @@ def spawn_broker(port: int, state_dir: str, wait: float = 10.0) -> int:
     deadline = time.time() + wait
     while time.time() < deadline:
         if broker_running(port, state_dir):
-            return proc.pid
-        if proc.poll() is not None and not broker_running(port, state_dir):
+            return
+        if proc.poll() is not None:
             with open(log_path, "rb") as handle:
                 last = b"\n".join(handle.read().splitlines()[-3:]).decode(errors="replace")
             raise StateError(f"the broker exited at once; {log_path} ends with:\n{last}")

@@ -40,8 +40,8 @@ def start(port: int, state_dir: str) -> None:
     if broker_running(port, state_dir):
         print(f"Broker already running on port {port}.")
         return
-    pid = ctl_common.spawn_broker(port, state_dir)
-    print(f"Broker started on port {port} (pid {pid}, log {os.path.join(state_dir, 'broker.log')}).")
+    ctl_common.spawn_broker(port, state_dir)
+    print(f"Broker started on port {port} (pid {recorded_pid(state_dir)}, log {os.path.join(state_dir, 'broker.log')}).")
 
 
 def dashboard_url(port: int, token: str) -> str:

@@ -1,6 +1,7 @@
 """install.py against a temporary HOME, and launch.py starting, reporting and stopping a real broker."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -133,6 +134,9 @@ class LaunchTest(unittest.TestCase):
             first = launch("--no-browser")
             self.assertEqual(first.returncode, 0, first.stderr)
             self.assertIn("Broker started", first.stdout)
+            pid = int(re.search(r"pid (\d+)", first.stdout).group(1))
+            with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                self.assertIn(b"broker.py", handle.read(), "the printed pid is the running broker's")
             token = broker.secret("operator.token")
             self.assertIn(f"/#token={token}", first.stdout)
             self.assertTrue(os.path.exists(os.path.join(broker.state_dir, "broker.log")))
