@@ -8,6 +8,6 @@ if ! command -v chromium >/dev/null; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
 fi
-python -m venv "$work/browser"
+python3 -m venv "$work/browser"
 "$work/browser/bin/pip" install --quiet --disable-pip-version-check playwright
 "$work/browser/bin/python" tests/conformance/dashboard_browser.py

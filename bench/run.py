@@ -26,7 +26,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
-import ctl_common  # noqa: E402
+from ctl import common as ctl_common  # noqa: E402
 
 CAUCUS_VENV = os.path.join(HERE, ".venv-caucus")
 CAUCUS_HUB = """

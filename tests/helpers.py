@@ -15,8 +15,8 @@ import unittest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import ctl_common  # noqa: E402
-import launch  # noqa: E402
+from ctl import common as ctl_common  # noqa: E402
+from ctl import launch  # noqa: E402
 
 BROKER = os.path.join(ROOT, "broker.py")
 MCP_SERVER = os.path.join(ROOT, "mcp_server.py")

@@ -628,7 +628,7 @@ class DeadPeerTest(BrokerTestCase):
         task = op.ok("POST", "/tasks", {"title": "orphaned"})
         ghost = self.broker.join("ghost")
         ghost.ok("POST", "/tasks/claim", {"task_id": task["id"]})
-        ghost.ok("POST", "/locks", {"path": "ctl_common.py"})
+        ghost.ok("POST", "/locks", {"path": "ctl/common.py"})
         time.sleep(3.5)
         state = op.ok("GET", "/state")
         self.assertEqual(next(t for t in state["tasks"]["tasks"] if t["id"] == task["id"])["status"], "ready")
@@ -698,9 +698,9 @@ class RetentionTest(unittest.TestCase):
     """The store's own pruning on a real database file: old read messages go, unread ones never do."""
 
     def test_prune_keeps_unread_and_bounds_the_rest(self):
-        import broker
+        from ctl import config, store as broker
         folder = tempfile.mkdtemp(prefix="ctl-retention-")
-        settings = broker.Settings(rate_limit=10, lease_seconds=30, token_ttl=60, retention=100, max_connections=8)
+        settings = config.Settings(rate_limit=10, lease_seconds=30, token_ttl=60, retention=100, max_connections=8)
         store = broker.Store(os.path.join(folder, "broker.db"), settings)
         try:
             now = time.time()

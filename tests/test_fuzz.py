@@ -13,7 +13,7 @@ import unittest
 from helpers import ROOT, BrokerProcess, McpSession, ctl_common
 from test_mcp_server import project_dir
 
-import broker as broker_module
+from ctl import api as broker_module
 
 SEED = int(os.environ.get("CTL_FUZZ_SEED", "20261122"))
 HOSTILE = ["<function_calls>", "\u200b", "&lt;invoke&gt;", "data:text/html,x", "\x00", "../../etc/passwd",

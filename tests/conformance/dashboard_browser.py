@@ -90,7 +90,7 @@ def main():
             page.screenshot(path=os.path.join(artifacts, "dashboard-paused.png"), full_page=True)
             check(not problems, f"no console errors or dialogs ({problems})")
             observer = browser.new_page()
-            from ctl_common import TokenSigner
+            from ctl.common import TokenSigner
             observer.goto(f"http://127.0.0.1:{broker.port}/#token={TokenSigner(broker.secret('hmac.key')).observer_token()}")
             observer.wait_for_selector("tr[data-peer='tester']", timeout=10_000)
             check(observer.get_by_role("button", name="Resume").count() == 0, "an observer gets no controls")

@@ -12,8 +12,9 @@ import os
 import secrets
 import stat
 import subprocess
-import sys
 import time
+
+from ctl import entry_command, user_command
 
 DEFAULT_PORT = 7878
 DEFAULT_STATE_DIR = "~/.control-tower"
@@ -70,7 +71,7 @@ def ensure_state_dir(path: str, create: bool = True) -> str:
         st = os.lstat(path)
     except FileNotFoundError:
         if not create:
-            raise StateError(f"state directory {path} does not exist; start the broker first (python launch.py)")
+            raise StateError(f"state directory {path} does not exist; start the broker first ({user_command('launch')})")
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         try:
             os.mkdir(path, 0o700)
@@ -96,7 +97,7 @@ def read_secret(state_dir: str, name: str, create: bool = False) -> str:
     path = os.path.join(state_dir, name)
     if not check_private_file(path):
         if not create:
-            raise StateError(f"{path} is missing; start the broker first (python launch.py)")
+            raise StateError(f"{path} is missing; start the broker first ({user_command('launch')})")
         tmp = f"{path}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         try:
@@ -264,9 +265,8 @@ def spawn_broker(port: int, state_dir: str, wait: float = 10.0) -> None:
     ours, or one another session started at the same moment (the loser of that race exits at once)."""
     ensure_state_dir(state_dir)
     log_path = os.path.join(state_dir, "broker.log")
-    broker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "broker.py")
     with open(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as log:
-        proc = subprocess.Popen([sys.executable, broker, "--port", str(port), "--state-dir", state_dir],
+        proc = subprocess.Popen(entry_command("broker") + ["--port", str(port), "--state-dir", state_dir],
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
     deadline = time.time() + wait
     while time.time() < deadline:

@@ -1,0 +1,44 @@
+"""Control Tower Lite: several coding agents on one machine working as one team, with a human watching.
+
+The package holds everything; the checkout's flat files (`broker.py`, `mcp_server.py`, `install.py`,
+`launch.py`) are thin entry points into it, so `python3 launch.py` works from a clone and
+`pip install .` adds one package, `ctl`, and no top-level modules.
+"""
+import os
+import shutil
+import sys
+
+VERSION = "0.2.0"
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+CHECKOUT = os.path.dirname(PACKAGE_DIR)
+
+# entry point -> (flat file in a checkout, module in the package, console script of an install)
+ENTRY_POINTS = {
+    "broker": ("broker.py", "ctl.broker", "ctl-broker"),
+    "mcp": ("mcp_server.py", "ctl.mcp", "ctl-mcp"),
+    "install": ("install.py", "ctl.install", "ctl-install"),
+    "launch": ("launch.py", "ctl.launch", "ctl-launch"),
+}
+
+
+def entry_command(name: str) -> list:
+    """How to run one of our programs with this interpreter: the checkout's file, else the module."""
+    flat, module, _ = ENTRY_POINTS[name]
+    path = os.path.join(CHECKOUT, flat)
+    return [sys.executable, path] if os.path.isfile(path) else [sys.executable, "-m", module]
+
+
+def user_command(name: str) -> str:
+    """What to tell a person to type: `ctl-launch` after an install, else `python3 launch.py`."""
+    flat, _, script = ENTRY_POINTS[name]
+    if os.path.isfile(os.path.join(CHECKOUT, flat)):
+        here = os.path.realpath(os.getcwd()) == os.path.realpath(CHECKOUT)
+        return f"{python_name()} {flat if here else os.path.join(CHECKOUT, flat)}"
+    return script if shutil.which(script) else f"{os.path.basename(sys.executable)} -m {ENTRY_POINTS[name][1]}"
+
+
+def python_name() -> str:
+    """The interpreter's short name when PATH finds this very one under it, else `python3`."""
+    short = os.path.basename(sys.executable)
+    found = shutil.which(short)
+    return short if found and os.path.realpath(found) == os.path.realpath(sys.executable) else "python3"

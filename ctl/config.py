@@ -1,0 +1,54 @@
+"""Broker settings from the environment, and the limits every route enforces."""
+import os
+from dataclasses import dataclass
+
+from ctl.common import StateError
+
+
+def _env_int(name: str, default: int, low: int, high: int) -> int:
+    raw = os.environ.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise StateError(f"{name} must be a whole number, got {raw!r}")
+    if not low <= value <= high:
+        raise StateError(f"{name} must be between {low} and {high}, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    rate_limit: int        # messages per minute per peer; a broadcast counts per recipient
+    lease_seconds: int     # a peer silent for this long is dead: its claims and locks are released
+    token_ttl: int         # seconds a peer token stays valid before the session must rejoin
+    retention: int         # messages kept for the feed; unread ones are never dropped
+    max_connections: int
+
+    @classmethod
+    def from_env(cls) -> "Settings":
+        return cls(
+            rate_limit=_env_int("CTL_RATE_LIMIT", 10, 1, 1_000_000),
+            lease_seconds=_env_int("CTL_LEASE_SECONDS", 30, 2, 86_400),
+            token_ttl=_env_int("CTL_TOKEN_TTL", 86_400, 1, 30 * 86_400),
+            retention=_env_int("CTL_RETENTION", 100_000, 100, 100_000_000),
+            max_connections=_env_int("CTL_MAX_CONNECTIONS", 512, 8, 10_000),
+        )
+
+
+MAX_HEAD_BYTES = 16 * 1024
+MAX_BODY_BYTES = 64 * 1024
+MAX_JSON_DEPTH = 6
+REQUEST_TIMEOUT = 10.0      # a request must arrive whole within this, however it drips
+IDLE_TIMEOUT = 120.0        # keep-alive connections with nothing in flight
+WRITE_TIMEOUT = 10.0
+MAX_WAIT_SECONDS = 60
+EVENTS_KEPT = 2000
+PRUNE_EVERY = 30.0          # seconds between retention passes
+CATEGORIES = ("info", "question", "answer", "status", "handoff", "blocker")
+TASK_STATUSES = ("blocked", "ready", "claimed", "done")
+ROOM_STATES = ("running", "paused", "stopped")
+LIMITS = {"title": 200, "description": 4000, "content": 8000, "summary": 2000, "reason": 200,
+          "path": 1024, "mem_key": 128, "mem_value": 8000, "files": 100, "depends_on": 50,
+          "tasks": 10_000, "memory_keys": 256}

@@ -1,0 +1,282 @@
+"""The front door: checks every request passes before routing (Host, Origin, media type, JSON),
+authentication by token, and the JSON error envelope. No exception leaves `Broker.handle`."""
+import hashlib
+import hmac
+import json
+import os
+import re
+import sqlite3
+import sys
+import time
+import traceback
+import urllib.parse
+from base64 import b64encode
+from dataclasses import dataclass
+
+from ctl import PACKAGE_DIR, common
+from ctl.api import JOINING, PUBLIC, ROUTE_METHODS, ROUTES, Park, Route, validate
+from ctl.common import TokenSigner
+from ctl.config import MAX_JSON_DEPTH, PRUNE_EVERY, Settings
+from ctl.errors import ApiError
+from ctl.store import Actor, Store
+
+
+def log(message: str) -> None:
+    sys.stderr.write(f"{time.strftime('%H:%M:%S')} broker: {message}\n")
+    sys.stderr.flush()
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    query: str
+    headers: dict             # lower-case field name -> value
+    body: bytes
+    client: str
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicates(pairs):
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen[key] = value
+    return seen
+
+
+def _reject_constant(name):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+_JSON_STRINGS = re.compile(r'"(?:[^"\\]|\\.)*"')
+
+
+def parse_json_object(raw: bytes) -> dict:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ApiError(400, "bad_json", "body must be UTF-8 JSON")
+    depth = deepest = 0
+    for bracket in re.findall(r"[\[\]{}]", _JSON_STRINGS.sub("", text)):
+        depth += 1 if bracket in "[{" else -1
+        deepest = max(deepest, depth)
+    if deepest > MAX_JSON_DEPTH:
+        raise ApiError(400, "too_deep", f"JSON nests deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        data = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+    except _DuplicateKey as exc:
+        raise ApiError(400, "duplicate_key", f"JSON object repeats the key {str(exc)[:64]!r}")
+    except (ValueError, RecursionError) as exc:
+        raise ApiError(400, "bad_json", f"body is not valid JSON: {str(exc)[:120]}")
+    if not isinstance(data, dict):
+        raise ApiError(400, "bad_json", "body must be a JSON object")
+    return data
+
+
+def parse_query(query: str) -> dict:
+    try:
+        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query),
+                                       max_num_fields=16, errors="strict")
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(400, "bad_query", "query string is malformed")
+    data = {}
+    for key, value in pairs:
+        if key in data:
+            raise ApiError(400, "bad_query", f"query parameter {key!r} is repeated")
+        data[key] = value
+    return data
+
+
+def escape_for_log(text: str) -> str:
+    return text.encode("unicode_escape", "backslashreplace").decode("ascii")[:300]
+
+
+class Broker:
+    """HTTP semantics around the store: the gate, authentication, validation, routing, JSON errors."""
+
+    def __init__(self, state_dir: str, port: int, host: str, settings: Settings):
+        self.state_dir, self.port, self.settings = state_dir, port, settings
+        self.hmac_key = common.read_secret(state_dir, common.HMAC_KEY_FILE, create=True)
+        self.join_secret = common.read_secret(state_dir, common.JOIN_SECRET_FILE, create=True).encode()
+        self.operator_token = common.read_secret(state_dir, common.OPERATOR_TOKEN_FILE, create=True).encode()
+        self.signer = TokenSigner(self.hmac_key)
+        db_path = os.path.join(state_dir, "broker.db")
+        for suffix in ("", "-wal", "-shm"):
+            common.check_private_file(db_path + suffix)
+        self.store = Store(db_path, settings)
+        self.allowed_hosts = {f"{host}:{port}", f"localhost:{port}"}
+        self.allowed_origins = {f"http://{h}" for h in self.allowed_hosts}
+        self.started = time.time()
+        self.next_prune = self.started + PRUNE_EVERY
+        self.connections = 0
+        self.static_pages = self._static_pages()
+
+    def _static_pages(self) -> dict:
+        """GET responses that carry no data, so they need no token: path -> (status, body, headers)."""
+        dashboard = self._load_dashboard()
+        if dashboard is None:
+            page = (404, {"error": {"code": "no_dashboard", "message": "dashboard.html is missing from the ctl package"}}, {})
+        else:
+            page = (200, dashboard[0], {"Content-Type": "text/html; charset=utf-8",
+                                        "Content-Security-Policy": dashboard[1]})
+        return {"/": page, "/dashboard.html": page, "/favicon.ico": (204, b"", {})}
+
+    def _load_dashboard(self):
+        try:
+            with open(os.path.join(PACKAGE_DIR, "dashboard.html"), "rb") as handle:
+                page = handle.read()
+        except OSError:
+            return None
+        text = page.decode("utf-8")
+
+        def allowed(tag: str) -> str:
+            """The page's own inline blocks, by hash: nothing else may run or style it."""
+            digests = [b64encode(hashlib.sha256(body.encode()).digest()).decode()
+                       for body in re.findall(rf"<{tag}>(.*?)</{tag}>", text, re.S)]
+            return " ".join(f"'sha256-{d}'" for d in digests) or "'none'"
+
+        csp = (f"default-src 'none'; script-src {allowed('script')}; style-src {allowed('style')}; "
+               "connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+        return page, csp
+
+    def mint(self, peer, scope: str) -> str:
+        return self.signer.mint(peer["id"], peer["generation"], peer["role"], scope,
+                                int(time.time()) + self.settings.token_ttl)
+
+    def health(self) -> dict:
+        db_path = os.path.join(self.state_dir, "broker.db")
+        size = sum(os.path.getsize(db_path + s) for s in ("", "-wal") if os.path.exists(db_path + s))
+        return {"uptime": round(time.time() - self.started, 1), "connections": self.connections,
+                "db_bytes": size, "port": self.port}
+
+    def gate(self, req: Request) -> None:
+        """Checks that come before routing, on every request, whoever asks."""
+        host = req.headers.get("host")
+        if host is None:
+            raise ApiError(400, "missing_host", "a Host header is required")
+        if host.lower() not in self.allowed_hosts:
+            raise ApiError(421, "wrong_host", f"Host must be one of {sorted(self.allowed_hosts)}")
+        origin = req.headers.get("origin")
+        if origin is not None and origin.lower() not in self.allowed_origins:
+            raise ApiError(403, "foreign_origin", "requests from other origins are refused")
+        fetch_site = req.headers.get("sec-fetch-site")
+        if fetch_site is not None and fetch_site.lower() not in ("same-origin", "none"):
+            raise ApiError(403, "cross_site", "cross-site requests are refused")
+
+    def authenticate(self, req: Request, route: Route) -> Actor:
+        if route.who == PUBLIC:
+            return Actor("public")
+        header = req.headers.get("authorization", "")
+        if not header.startswith("Bearer ") or len(header) > 600:
+            raise ApiError(401, "missing_token", "send 'Authorization: Bearer <token>'; join first to get one")
+        presented = header[7:].strip().encode("utf-8", "replace")
+        if route.who == JOINING:
+            if not hmac.compare_digest(presented, self.join_secret):
+                raise ApiError(401, "bad_join_secret", "join needs the join secret from the state directory")
+            return Actor("join")
+        if hmac.compare_digest(presented, self.operator_token):
+            actor = Actor("operator")
+        else:
+            actor = self._token_actor(presented.decode("utf-8", "replace"))
+        if actor.kind not in route.who:
+            raise ApiError(403, "forbidden", f"{actor.kind} tokens may not call {req.method} {req.path}")
+        if route.architect and actor.kind == "peer" and actor.role != "architect":
+            raise ApiError(403, "architect_only",
+                           "only the architect may do this; ask the architect, e.g. with send")
+        return actor
+
+    def _token_actor(self, token: str) -> Actor:
+        claims = self.signer.claims(token)
+        if claims is None:
+            raise ApiError(401, "bad_token", "token is invalid; rejoin to get a new one")
+        peer_id, generation, role, scope, expires = claims
+        if scope == "observe":
+            return Actor("observer")
+        if expires < time.time():
+            raise ApiError(401, "token_expired", "token expired; rejoin to get a new one")
+        peer = self.store.peer_by_id(peer_id)
+        if peer is None:
+            raise ApiError(401, "bad_token", "token names no peer; rejoin")
+        if peer["status"] == "kicked":
+            raise ApiError(401, "kicked", "the operator removed you from the room; stop and ask the human")
+        if peer["generation"] != generation or peer["role"] != role:
+            raise ApiError(401, "token_superseded",
+                           "token was superseded (rejoin, role change or name takeover); rejoin")
+        if peer["status"] == "left":
+            raise ApiError(401, "left", "you left the room; join again")
+        return Actor("watch" if scope == "watch" else "peer", peer)
+
+    def handle(self, req: Request):
+        """Return (status, body, extra headers) or a Park; never raise."""
+        actor = None
+        try:
+            self.gate(req)
+            if req.method == "GET" and req.path in self.static_pages:
+                return self.static_pages[req.path]
+            route = ROUTES.get((req.method, req.path))
+            if route is None:
+                if req.path in ROUTE_METHODS:
+                    raise ApiError(405, "method_not_allowed",
+                                   f"{req.path} accepts {', '.join(ROUTE_METHODS[req.path])}")
+                raise ApiError(404, "no_route", f"no route {req.path}; see the README's HTTP API section")
+            if req.method == "POST":
+                ctype = req.headers.get("content-type", "").split(";")[0].strip().lower()
+                if ctype != "application/json":
+                    raise ApiError(415, "unsupported_media_type", "POST bodies must be Content-Type: application/json")
+                data = parse_json_object(req.body)
+            else:
+                if req.body:
+                    raise ApiError(400, "unexpected_body", "GET requests carry no body; use the query string")
+                data = parse_query(req.query)
+            actor = self.authenticate(req, route)
+            params = validate(route.schema, data)
+            result = route.handler(self, actor, params)
+            return result if isinstance(result, Park) else (200, result, self._room_header(actor))
+        except ApiError as err:
+            self._note_refusal(err, actor, req)
+            return err.status, err.body(), self._room_header(actor)
+        except sqlite3.OperationalError as exc:
+            log(f"storage error on {req.method} {escape_for_log(req.path)}: {exc}")
+            return 503, {"error": {"code": "storage_unavailable", "message": "storage is busy or full; retry shortly"}}
+        except Exception:
+            log(f"internal error on {req.method} {escape_for_log(req.path)}:\n{traceback.format_exc()}")
+            return 500, {"error": {"code": "internal", "message": "internal error; see the broker log"}}
+
+    def _room_header(self, actor) -> dict:
+        """Sessions learn of a pause or stop on their very next call, whatever it was."""
+        if actor is None or actor.kind not in ("peer", "watch"):
+            return {}
+        return {"X-CTL-Room": self.store.room_state()}
+
+    SECURITY_EVENTS = {401: "auth_failed", 403: "forbidden", 421: "wrong_host", 422: "content_filtered",
+                       429: "rate_limited"}
+
+    def _note_refusal(self, err: ApiError, actor, req: Request) -> None:
+        kind = self.SECURITY_EVENTS.get(err.status)
+        if kind is None:
+            return
+        who = actor.name if actor is not None and actor.kind not in ("join", "public") else f"client {req.client}"
+        detail = f"{req.method} {escape_for_log(req.path)}: {err.code}"
+        if "rule" in err.extra:
+            detail += f" (rule {err.extra['rule']} on {err.extra['field']})"
+        try:
+            self.store.record_event(kind, who, detail)
+        except sqlite3.Error:
+            pass
+
+    def tick(self) -> None:
+        """Once a second from the loop: leases and retention. Errors are logged, never fatal."""
+        now = time.time()
+        try:
+            if self.store.reap(now):
+                self.store.wake_everyone = True
+            if now >= self.next_prune:
+                self.next_prune = now + PRUNE_EVERY
+                self.store.prune()
+        except sqlite3.Error as exc:
+            log(f"tick failed (will retry): {exc}")

@@ -1,0 +1,42 @@
+"""The product ships with zero dependencies: every module it runs imports the standard library only."""
+import ast
+import pathlib
+import sys
+import tempfile
+import unittest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def foreign_imports(root: pathlib.Path) -> list:
+    """`file:line: imports name` for every import of something outside the stdlib and our package."""
+    allowed = set(sys.stdlib_module_names) | {"ctl", "__future__"}
+    found = []
+    for path in sorted([*root.glob("*.py"), *(root / "ctl").glob("*.py")]):
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            found += [f"{path.relative_to(root)}:{node.lineno}: imports {name}"
+                      for name in names if name.split(".")[0] not in allowed]
+    return found
+
+
+class StdlibOnlyTest(unittest.TestCase):
+    def test_product_imports_only_the_standard_library(self):
+        self.assertEqual(foreign_imports(ROOT), [])
+
+    def test_the_check_catches_a_foreign_import(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            root = pathlib.Path(tmp)
+            (root / "ctl").mkdir()
+            (root / "ctl" / "thing.py").write_text("import os\nfrom ctl import common\nimport requests\n")
+            self.assertEqual(foreign_imports(root), ["ctl/thing.py:3: imports requests"])
+
+
+if __name__ == "__main__":
+    unittest.main()
