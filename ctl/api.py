@@ -6,15 +6,18 @@ import time
 from dataclasses import dataclass
 
 from ctl import common
-from ctl.config import CATEGORIES, LIMITS, MAX_WAIT_SECONDS, TASK_STATUSES
+from ctl.config import CATEGORIES, LIMITS, MAX_WAIT_SECONDS, ROOM_NAME_PATTERN, TASK_STATUSES
 from ctl.errors import ApiError
 from ctl.names import NAME_RE
-from ctl.textfilter import screen_text
+from ctl.store import room_name_for
+from ctl.textfilter import screen
+
+ROOM_NAME_RE = re.compile(ROOM_NAME_PATTERN)
 
 
 @dataclass(frozen=True)
 class Field:
-    kind: str                 # text | name | target | enum | int | ids | texts | hex | name_or_null | token
+    kind: str                 # a key of CHECKS
     required: bool = False
     limit: int = 0            # max length (text), max items (lists), max value (int)
     minimum: int = 1          # min length (text) or min value (int)
@@ -31,93 +34,124 @@ def _refuse_longer(name: str, text: str, limit: int) -> None:
         raise ApiError(400, "too_long", f"{name} is {len(text)} characters; the limit is {limit}")
 
 
-def _check_text(field, name, value):
+def safe_name(key) -> str:
+    """A field name as it may appear in an error: printable ASCII, short; never the raw input."""
+    text = key if isinstance(key, str) else repr(key)
+    return text.encode("ascii", "backslashreplace").decode("ascii")[:40]
+
+
+def _check_text(field, name, value, flags):
     if not isinstance(value, str):
         raise ApiError(400, "bad_type", f"{name} must be a string")
     _refuse_longer(name, value, field.limit)      # before spending the filter's time
-    value = screen_text(name, value)
-    _refuse_longer(name, value, field.limit)      # NFKC can lengthen text
     if field.minimum and not value.strip():
         raise ApiError(400, "too_short", f"{name} must not be empty")
+    flag = screen(name, value, flags.secrets)
+    if flag:
+        flags.append((name, flag))
     return value
 
 
-def _check_name(field, name, value):
+def _check_name(field, name, value, flags):
     if not isinstance(value, str) or not NAME_RE.fullmatch(value):
         raise ApiError(400, "bad_name", f"{name} must be 1-32 characters of letters, digits, '.', '_' or '-', "
                                         "starting with a letter or digit")
     return value
 
 
-def _check_target(field, name, value):
-    return "*" if value == "*" else _check_name(field, name, value)
+def _check_room_name(field, name, value, flags):
+    if not isinstance(value, str) or not ROOM_NAME_RE.fullmatch(value):
+        raise ApiError(400, "bad_room", f"{name} must be 1-64 characters of letters, digits, '.', '_' or '-', "
+                                        "starting with a letter or digit (check CTL_ROOM)")
+    return value
 
 
-def _check_enum(field, name, value):
+def _check_target(field, name, value, flags):
+    return "*" if value == "*" else _check_name(field, name, value, flags)
+
+
+def _check_enum(field, name, value, flags):
     if value not in field.choices:
         raise ApiError(400, "bad_value", f"{name} must be one of {', '.join(field.choices)}")
     return value
 
 
-def _check_int(field, name, value):
-    if isinstance(value, str) and re.fullmatch(r"-?\d{1,19}", value):
+def _check_int(field, name, value, flags):
+    """JSON integers only in bodies; a query string's ASCII digits are its only spelling of a number."""
+    if isinstance(value, str) and field.kind == "query_int" and re.fullmatch(r"[0-9]{1,19}", value):
         value = int(value)
     if not isinstance(value, int) or isinstance(value, bool) or not field.minimum <= value <= field.limit:
         raise ApiError(400, "bad_value", f"{name} must be a whole number from {field.minimum} to {field.limit}")
     return value
 
 
-def _check_ids(field, name, value):
+def _check_ids(field, name, value, flags):
     if not isinstance(value, list) or len(value) > field.limit:
         raise ApiError(400, "bad_type", f"{name} must be a list of at most {field.limit} task ids")
-    ids = [_check_int(Field("int", limit=2**53, minimum=1), name, v) for v in value]
+    ids = [_check_int(TASK_ID, name, v, flags) for v in value]
     if len(set(ids)) != len(ids):
         raise ApiError(400, "duplicate_ids", f"{name} lists a task id twice")
     return ids
 
 
-def _check_texts(field, name, value):
+def _check_texts(field, name, value, flags):
     if not isinstance(value, list) or len(value) > field.limit:
         raise ApiError(400, "bad_type", f"{name} must be a list of at most {field.limit} strings")
-    return [_check_text(Field("text", limit=LIMITS["path"]), name, v) for v in value]
+    return [_check_text(Field("text", limit=LIMITS["path"]), name, v, flags) for v in value]
 
 
-def _check_hex(field, name, value):
+def _check_hex(field, name, value, flags):
     if not isinstance(value, str) or not re.fullmatch(r"[0-9a-f]{16,64}", value):
         raise ApiError(400, "bad_value", f"{name} must be 16-64 lowercase hex digits")
     return value
 
 
-def _check_name_or_null(field, name, value):
-    return None if value is None else _check_name(field, name, value)
+def _check_name_or_null(field, name, value, flags):
+    return None if value is None else _check_name(field, name, value, flags)
 
 
-def _check_token(field, name, value):
+def _check_token(field, name, value, flags):
     if not isinstance(value, str) or len(value) > 512:
         raise ApiError(400, "bad_type", f"{name} must be a token string")
     return value
 
 
-def _check_root(field, name, value):
-    value = _check_text(field, name, value)
+def _check_root(field, name, value, flags):
+    """A project root the broker can check: an existing directory of this user, not / nor the home itself."""
+    value = _check_text(field, name, value, flags)
     if not os.path.isabs(value) or not os.path.isdir(value):
         raise ApiError(400, "bad_root", f"{name} must be the absolute path of an existing directory")
-    return os.path.realpath(value)
+    real = os.path.realpath(value)
+    if real == "/" or real == os.path.realpath(os.path.expanduser("~")):
+        raise ApiError(400, "bad_root", f"{name} is too broad to be one project (it is / or your home); "
+                                        "start the session inside a project folder, or set CTL_ROOM")
+    if os.stat(real).st_uid != os.getuid():
+        raise ApiError(400, "bad_root", f"{name} belongs to another user; a project root must be yours")
+    return real
 
 
 CHECKS = {"text": _check_text, "name": _check_name, "target": _check_target, "enum": _check_enum,
-          "int": _check_int, "ids": _check_ids, "texts": _check_texts, "hex": _check_hex,
-          "name_or_null": _check_name_or_null, "token": _check_token, "root": _check_root}
+          "int": _check_int, "query_int": _check_int, "ids": _check_ids, "texts": _check_texts,
+          "hex": _check_hex, "name_or_null": _check_name_or_null, "token": _check_token, "root": _check_root,
+          "room_name": _check_room_name}
 
 
-def validate(schema: dict, data: dict) -> dict:
+class Flags(list):
+    """(field, rule) pairs the filter flagged while validating one request; knows the secrets to refuse."""
+
+    def __init__(self, secrets=()):
+        super().__init__()
+        self.secrets = secrets
+
+
+def validate(schema: dict, data: dict, flags: Flags) -> dict:
     for key in data:
         if key not in schema:
             if key in IDENTITY_FIELDS:
                 raise ApiError(400, "identity_in_body",
                                f"'{key}' is not allowed: your identity comes from your token, never from the body")
             allowed = ", ".join(schema) or "no fields"
-            raise ApiError(400, "unknown_field", f"unknown field '{key}'; this route accepts: {allowed}")
+            raise ApiError(400, "unknown_field", f"unknown field '{safe_name(key)}'; this route accepts: {allowed}")
     clean = {}
     for key, field in schema.items():
         if key not in data or (data[key] is None and field.kind != "name_or_null"):
@@ -125,7 +159,7 @@ def validate(schema: dict, data: dict) -> dict:
                 raise ApiError(400, "missing_field", f"'{key}' is required")
             clean[key] = field.default
         else:
-            clean[key] = CHECKS[field.kind](field, key, data[key])
+            clean[key] = CHECKS[field.kind](field, key, data[key], flags)
     return clean
 
 
@@ -142,10 +176,12 @@ class Park:
 
 @dataclass(frozen=True)
 class Route:
-    handler: object
+    handler: object           # handler(broker, actor, params) -> dict | Park; params["flagged"]: filter flags
     who: frozenset            # actor kinds allowed
     schema: dict
     architect: bool = False   # peers must hold the architect seat (the operator always may)
+    mutates: bool = False     # an agent change: refused while the room is stopped
+    scoped: bool = True       # acts on one room: a peer's own, or the one an operator or observer names
 
 
 PEER = frozenset({"peer"})
@@ -161,21 +197,24 @@ JOINING = frozenset({"join"})
 def r_health(broker, actor, q):
     answer = {"ok": True}
     if q["challenge"]:
-        answer["proof"] = common.challenge_proof(broker.hmac_key, q["challenge"])
+        answer["proof"] = common.challenge_proof(broker.hmac_key, q["challenge"], broker.port)
     return answer
 
 
 def r_join(broker, actor, b):
+    """The room is the project root the session sent (checked above), or the name CTL_ROOM gave."""
     now = time.time()
-    resumed = None
-    if b["resume"]:
-        claims = broker.signer.claims(b["resume"])
-        resumed = claims[0] if claims and claims[3] == "session" else None
-    peer = broker.store.join(b["name"], b["role"], b["summary"], b["root"], resumed, now)
+    if b["room"] is None and b["root"] is None:
+        raise ApiError(400, "no_room", "send root (your project folder) or room (a room name) to join")
+    key = f"name:{b['room']}" if b["room"] else f"root:{b['root']}"
+    name = b["room"] or room_name_for(b["root"])
+    peer = broker.store.join(b["name"], b["role"], b["summary"], b["root"], key, name,
+                             broker.resumable_peer(b["resume"]), now)
     return {"token": broker.mint(peer, "session"), "watch_token": broker.mint(peer, "watch"),
             "name": peer["name"], "role": peer["role"], "lease_seconds": broker.settings.lease_seconds,
-            "room": broker.store.room_state(),
-            "peers": [p for p in broker.store.list_peers(now) if p["name"] != peer["name"]]}
+            "room": broker.store.room_state(peer["room_id"]), "room_name": broker.store.room(peer["room_id"])["name"],
+            "peers": [p for p in broker.store.list_peers(peer["room_id"], now) if p["name"] != peer["name"]],
+            **broker.store.unread_summary(peer["id"])}
 
 
 def r_leave(broker, actor, b):
@@ -184,32 +223,39 @@ def r_leave(broker, actor, b):
 
 
 def r_heartbeat(broker, actor, b):
-    return broker.store.heartbeat(actor.peer, b["summary"], time.time())
+    answer = broker.store.heartbeat(actor.peer, b["summary"], b["reach"], time.time())
+    fresh = broker.refreshed_token(actor)
+    return {**answer, "token": fresh} if fresh else answer
 
 
 def r_peers(broker, actor, q):
-    return {"peers": broker.store.list_peers(time.time())}
+    return {"peers": broker.store.list_peers(actor.room_id, time.time())}
 
 
 def r_send(broker, actor, b):
-    return broker.store.send(actor, b["to"], b["content"], b["category"], time.time())
+    flag = next((rule for field, rule in b["flagged"] if field == "content"), None)
+    return broker.store.send(actor, b["to"], b["content"], b["category"], flag, time.time())
 
 
 def r_inbox(broker, actor, q):
-    peer_id = actor.peer["id"]
+    peer_id, room_id = actor.peer["id"], actor.room_id
 
     def attempt(final):
-        batch = broker.store.inbox(peer_id, q["limit"])
+        batch = broker.store.inbox(peer_id, room_id, q["limit"])
         return batch if batch["messages"] or final or batch["room"] == "stopped" else None
 
-    found = attempt(final=q["wait"] == 0)
-    if found is not None:
-        return found
+    first = broker.store.inbox(peer_id, room_id, q["limit"], q["ack"], time.time())
+    if first["messages"] or q["wait"] == 0 or first["room"] == "stopped":
+        return first
     return Park(peer_id, time.monotonic() + q["wait"], attempt)
 
 
 def r_ack(broker, actor, b):
-    return broker.store.ack(actor.peer["id"], b["ids"])
+    return broker.store.ack(actor.peer["id"], b["ids"], time.time())
+
+
+def r_receipts(broker, actor, q):
+    return {"messages": broker.store.receipts(actor.peer)}
 
 
 def r_create_task(broker, actor, b):
@@ -217,12 +263,12 @@ def r_create_task(broker, actor, b):
 
 
 def r_update_task(broker, actor, b):
-    fields = {k: v for k, v in b.items() if k != "task_id" and v is not None}
-    return broker.store.update_task(b["task_id"], fields, time.time())
+    fields = {k: v for k, v in b.items() if k in ("title", "description", "depends_on") and v is not None}
+    return broker.store.update_task(actor, b["task_id"], fields, time.time())
 
 
 def r_tasks(broker, actor, q):
-    return broker.store.list_tasks(q["status"])
+    return broker.store.list_tasks(actor.room_id, q["status"])
 
 
 def r_claim(broker, actor, b):
@@ -237,12 +283,16 @@ def r_lock(broker, actor, b):
     return broker.store.lock(actor.peer, b["path"], b["reason"], time.time())
 
 
+def r_lock_status(broker, actor, q):
+    return broker.store.lock_status(actor.peer, q["path"])
+
+
 def r_unlock(broker, actor, b):
     return broker.store.unlock(actor, b["path"], time.time())
 
 
 def r_locks(broker, actor, q):
-    return {"locks": broker.store.list_locks()}
+    return {"locks": broker.store.list_locks(actor.room_id)}
 
 
 def r_set_memory(broker, actor, b):
@@ -250,96 +300,117 @@ def r_set_memory(broker, actor, b):
 
 
 def r_get_memory(broker, actor, q):
-    return broker.store.get_memory(q["key"])
+    return broker.store.get_memory(actor.room_id, q["key"])
+
+
+def r_rooms(broker, actor, q):
+    return {"rooms": broker.store.list_rooms(time.time())}
 
 
 def r_state(broker, actor, q):
-    view = broker.store.snapshot(q["since"], q["after_message"], q["after_event"], time.time())
+    view = broker.store.snapshot(actor.room_id, q["since"], q["after_message"], q["after_event"], time.time())
     view["health"] = broker.health()
     view["viewer"] = actor.kind
     return view
 
 
-def r_room(state):
-    return lambda broker, actor, b: broker.store.set_room_state(state, time.time())
+def r_room_state(state, lift_kicks=False):
+    return lambda broker, actor, b: broker.store.set_room_state(actor.room_id, state, lift_kicks, time.time())
+
+
+def r_archive(broker, actor, b):
+    return broker.store.archive_room(actor.room_id, time.time())
 
 
 def r_kick(broker, actor, b):
-    return broker.store.kick(b["name"], time.time())
-
-
-def r_inject(broker, actor, b):
-    return broker.store.send(actor, b["to"], b["content"], b["category"], time.time())
+    return broker.store.kick(actor.room_id, b["name"], time.time())
 
 
 def r_release(broker, actor, b):
-    return broker.store.release_task(b["task_id"], time.time())
+    return broker.store.release_task(actor.room_id, b["task_id"], time.time())
 
 
 def r_architect(broker, actor, b):
-    return broker.store.set_architect(b["name"], time.time())
+    return broker.store.set_architect(actor.room_id, b["name"], time.time())
 
 
 TASK_ID = Field("int", required=True, limit=2**53)
 SEND_SCHEMA = {"to": Field("target", required=True),
                "content": Field("text", required=True, limit=LIMITS["content"]),
                "category": Field("enum", choices=CATEGORIES, default="info")}
+REACHES = ("push", "watcher", "hooks", "tool")
 
 ROUTES = {
-    ("GET", "/health"): Route(r_health, PUBLIC, {"challenge": Field("hex")}),
+    ("GET", "/health"): Route(r_health, PUBLIC, {"challenge": Field("hex")}, scoped=False),
     ("POST", "/join"): Route(r_join, JOINING, {
         "name": Field("name", required=True),
         "role": Field("enum", choices=("worker", "architect")),
         "summary": Field("text", limit=LIMITS["summary"], minimum=0, default=""),
         "root": Field("root", limit=LIMITS["path"]),
-        "resume": Field("token")}),
+        "room": Field("room_name"),
+        "resume": Field("token")}, scoped=False),
     ("POST", "/leave"): Route(r_leave, PEER, {}),
-    ("POST", "/heartbeat"): Route(r_heartbeat, PEER, {"summary": Field("text", limit=LIMITS["summary"], minimum=0)}),
+    ("POST", "/heartbeat"): Route(r_heartbeat, PEER, {
+        "summary": Field("text", limit=LIMITS["summary"], minimum=0),
+        "reach": Field("enum", choices=REACHES)}),
     ("GET", "/peers"): Route(r_peers, READERS, {}),
-    ("POST", "/messages"): Route(r_send, PEER, SEND_SCHEMA),
+    ("POST", "/messages"): Route(r_send, PEER, SEND_SCHEMA, mutates=True),
     ("GET", "/inbox"): Route(r_inbox, INBOX_READERS, {
-        "wait": Field("int", limit=MAX_WAIT_SECONDS, minimum=0, default=0),
-        "limit": Field("int", limit=100, default=20)}),
+        "wait": Field("query_int", limit=MAX_WAIT_SECONDS, minimum=0, default=0),
+        "limit": Field("query_int", limit=100, default=20),
+        "ack": Field("query_int", limit=2**62)}),
     ("POST", "/inbox/ack"): Route(r_ack, INBOX_READERS, {"ids": Field("ids", required=True, limit=100)}),
+    ("GET", "/receipts"): Route(r_receipts, PEER, {}),
     ("POST", "/tasks"): Route(r_create_task, PEER_OR_OPERATOR, {
         "title": Field("text", required=True, limit=LIMITS["title"]),
         "description": Field("text", limit=LIMITS["description"], minimum=0, default=""),
-        "depends_on": Field("ids", limit=LIMITS["depends_on"], default=[])}, architect=True),
+        "depends_on": Field("ids", limit=LIMITS["depends_on"], default=[])}, architect=True, mutates=True),
     ("POST", "/tasks/update"): Route(r_update_task, PEER_OR_OPERATOR, {
         "task_id": TASK_ID,
         "title": Field("text", limit=LIMITS["title"]),
         "description": Field("text", limit=LIMITS["description"], minimum=0),
-        "depends_on": Field("ids", limit=LIMITS["depends_on"])}, architect=True),
+        "depends_on": Field("ids", limit=LIMITS["depends_on"])}, architect=True, mutates=True),
     ("GET", "/tasks"): Route(r_tasks, READERS, {"status": Field("enum", choices=TASK_STATUSES)}),
-    ("POST", "/tasks/claim"): Route(r_claim, PEER, {"task_id": Field("int", limit=2**53)}),
+    ("POST", "/tasks/claim"): Route(r_claim, PEER, {"task_id": Field("int", limit=2**53)}, mutates=True),
     ("POST", "/tasks/complete"): Route(r_complete, PEER_OR_OPERATOR, {
         "task_id": TASK_ID,
         "summary": Field("text", required=True, limit=LIMITS["summary"]),
-        "files": Field("texts", limit=LIMITS["files"], default=[])}),
+        "files": Field("texts", limit=LIMITS["files"], default=[])}, mutates=True),
     ("POST", "/locks"): Route(r_lock, PEER, {
         "path": Field("text", required=True, limit=LIMITS["path"]),
-        "reason": Field("text", limit=LIMITS["reason"], minimum=0, default="")}),
+        "reason": Field("text", limit=LIMITS["reason"], minimum=0, default="")}, mutates=True),
+    ("GET", "/locks/status"): Route(r_lock_status, PEER, {"path": Field("text", required=True, limit=LIMITS["path"])}),
     ("POST", "/locks/release"): Route(r_unlock, PEER_OR_OPERATOR, {
         "path": Field("text", required=True, limit=LIMITS["path"])}),
     ("GET", "/locks"): Route(r_locks, READERS, {}),
     ("POST", "/memory"): Route(r_set_memory, PEER_OR_OPERATOR, {
         "key": Field("text", required=True, limit=LIMITS["mem_key"]),
-        "value": Field("text", required=True, limit=LIMITS["mem_value"])}, architect=True),
+        "value": Field("text", required=True, limit=LIMITS["mem_value"])}, architect=True, mutates=True),
     ("GET", "/memory"): Route(r_get_memory, READERS, {"key": Field("text", limit=LIMITS["mem_key"])}),
+    ("GET", "/rooms"): Route(r_rooms, OBSERVERS, {}, scoped=False),
     ("GET", "/state"): Route(r_state, OBSERVERS, {
-        "since": Field("int", limit=2**62, minimum=0),
-        "after_message": Field("int", limit=2**62, minimum=0, default=0),
-        "after_event": Field("int", limit=2**62, minimum=0, default=0)}),
-    ("POST", "/operator/pause"): Route(r_room("paused"), OPERATOR, {}),
-    ("POST", "/operator/resume"): Route(r_room("running"), OPERATOR, {}),
-    ("POST", "/operator/stop"): Route(r_room("stopped"), OPERATOR, {}),
-    ("POST", "/operator/reset"): Route(r_room("running"), OPERATOR, {}),
+        "since": Field("query_int", limit=2**62, minimum=0),
+        "after_message": Field("query_int", limit=2**62, minimum=0, default=0),
+        "after_event": Field("query_int", limit=2**62, minimum=0, default=0)}),
+    ("POST", "/operator/pause"): Route(r_room_state("paused"), OPERATOR, {}),
+    ("POST", "/operator/resume"): Route(r_room_state("running"), OPERATOR, {}),
+    ("POST", "/operator/stop"): Route(r_room_state("stopped"), OPERATOR, {}),
+    ("POST", "/operator/reset"): Route(r_room_state("running", lift_kicks=True), OPERATOR, {}),
+    ("POST", "/operator/archive"): Route(r_archive, OPERATOR, {}),
     ("POST", "/operator/kick"): Route(r_kick, OPERATOR, {"name": Field("name", required=True)}),
-    ("POST", "/operator/inject"): Route(r_inject, OPERATOR, SEND_SCHEMA),
+    ("POST", "/operator/inject"): Route(r_send, OPERATOR, SEND_SCHEMA),
     ("POST", "/operator/unlock"): Route(r_unlock, OPERATOR, {"path": Field("text", required=True, limit=4096)}),
     ("POST", "/operator/release"): Route(r_release, OPERATOR, {"task_id": TASK_ID}),
     ("POST", "/operator/architect"): Route(r_architect, OPERATOR, {"name": Field("name_or_null", required=True)}),
 }
+ROOM_FIELD = Field("query_int", required=True, limit=2**53)
+
+
+def room_id_from(value) -> int:
+    """How an operator or observer names a room: its id (a JSON integer, or ASCII digits in a query)."""
+    return _check_int(ROOM_FIELD, "room", value, None)
+
+
 ROUTE_METHODS = {}
 for _method, _path in ROUTES:
     ROUTE_METHODS.setdefault(_path, []).append(_method)

@@ -85,6 +85,9 @@ def parse_header_fields(block: bytes) -> dict:
     return fields
 
 
+METHOD = re.compile(r"[A-Z]{1,16}")
+
+
 class HttpLoop:
     def __init__(self, broker: Broker, host: str, port: int, verbose: bool = False):
         self.broker, self.verbose = broker, verbose
@@ -96,28 +99,36 @@ class HttpLoop:
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.listener, selectors.EVENT_READ, None)
         self.connections = set()
+        self.ready = set()          # connections with buffered bytes to parse in this iteration
         self.running = True
 
     def serve_forever(self) -> None:
         next_tick = next_expiry = 0.0
         while self.running:
-            for key, mask in self.selector.select(0.05):
-                if key.data is None:
-                    self._accept()
-                    continue
+            for key, mask in self.selector.select(0 if self.ready else 0.05):
                 conn = key.data
-                if mask & selectors.EVENT_WRITE:
-                    self._flush(conn)
-                if mask & selectors.EVENT_READ and conn in self.connections:
-                    self._read(conn)
-            now = time.monotonic()
-            if now >= next_expiry:          # deadlines are coarse: no need to scan every socket per request
-                next_expiry = now + 0.05
-                self._expire(now)
-            if now >= next_tick:
-                next_tick = now + 1.0
-                self.broker.tick()
-            self._wake_parked()
+                try:
+                    if conn is None:
+                        self._accept()
+                        continue
+                    if mask & selectors.EVENT_WRITE:
+                        self._flush(conn)
+                    if mask & selectors.EVENT_READ and conn in self.connections:
+                        self._read(conn)
+                except Exception:
+                    self._fail(conn)
+            try:
+                self._run_batch()
+                now = time.monotonic()
+                if now >= next_expiry:          # deadlines are coarse: no need to scan every socket per request
+                    next_expiry = now + 0.05
+                    self._expire(now)
+                if now >= next_tick:
+                    next_tick = now + 1.0
+                    self.broker.tick(idle=not any(c.inbuf or c.outbuf for c in self.connections))
+                self._wake_parked()
+            except Exception:
+                self._fail(None)
         for conn in list(self.connections):
             self._close(conn)
         self.selector.close()
@@ -133,15 +144,28 @@ class HttpLoop:
                 if exc.errno in (errno.EMFILE, errno.ENFILE):
                     log("out of file descriptors; refusing connections for now")
                 return
-            if len(self.connections) >= self.broker.settings.max_connections:
+            if len(self.connections) >= self.broker.settings.max_connections and not self._shed_idle():
+                with contextlib.suppress(OSError):
+                    sock.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nRetry-After: 1\r\n"
+                                 b"Connection: close\r\n\r\n")
                 sock.close()
                 continue
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn = Connection(sock, f"{address[0]}:{address[1]}", time.monotonic())
+            conn.request_deadline = conn.idle_deadline = time.monotonic() + REQUEST_TIMEOUT
             self.connections.add(conn)
             self.broker.connections = len(self.connections)
             self.selector.register(sock, selectors.EVENT_READ, conn)
+
+    def _shed_idle(self) -> bool:
+        """At the cap, make room by closing the connection idle the longest (nothing buffered, no waiting
+        read): a crowd of silent sockets cannot lock agents and the dashboard out."""
+        idle = [c for c in self.connections if c.park is None and not c.inbuf and not c.outbuf]
+        if not idle:
+            return False
+        self._close(min(idle, key=lambda c: c.idle_deadline))
+        return True
 
     def _close(self, conn: Connection) -> None:
         if conn not in self.connections:
@@ -172,28 +196,55 @@ class HttpLoop:
             conn.request_deadline = time.monotonic() + REQUEST_TIMEOUT
         self._advance(conn)
 
+    def _fail(self, conn) -> None:
+        """The last line of defence: whatever went wrong is logged, that connection closed, the loop goes on."""
+        log(f"internal error in the loop:\n{traceback.format_exc()}")
+        if conn is not None:
+            self._close(conn)
+
     def _advance(self, conn: Connection) -> None:
-        """Handle every complete request buffered on the connection, one at a time, in order."""
-        while conn in self.connections and not conn.park and not conn.outbuf and not conn.close_after and conn.inbuf:
+        """Mark the connection as having bytes to look at in this iteration's batch."""
+        if conn in self.connections and not conn.park and not conn.outbuf and not conn.close_after and conn.inbuf:
+            self.ready.add(conn)
+
+    def _run_batch(self) -> None:
+        """Group commit: every complete request of this iteration runs in one transaction (each in its own
+        savepoint, so a failure rolls back only itself), one commit makes them durable together, and only
+        then are the answers written and the waiting reads woken. No answer ever precedes its commit."""
+        ready, self.ready = self.ready, set()
+        batch = []
+        for conn in ready:
+            if conn not in self.connections or conn.park or conn.outbuf or conn.close_after:
+                continue
             try:
                 req = self._parse(conn)
             except IncompleteRequest:
-                return
+                continue
             except ApiError as err:
                 conn.keep_alive = False
                 self._respond(conn, err.status, err.body())
-                return
+                continue
             conn.request_deadline = time.monotonic() + REQUEST_TIMEOUT if conn.inbuf else None
-            started = time.perf_counter()
-            outcome = self.broker.handle(req)
+            batch.append((conn, req))
+        if not batch:
+            return
+        store = self.broker.store
+        grouped = len(batch) > 1 and store.begin_batch()
+        started = time.perf_counter()
+        outcomes = [self.broker.handle(req) for _, req in batch]
+        if grouped and not store.commit_batch():
+            outcomes = [(503, {"error": {"code": "storage_busy", "message": "storage failed to commit; retry"}},
+                         {"Retry-After": "1"})] * len(batch)
+        self._wake_parked()                 # the recipients hear first; the senders' answers follow
+        elapsed = (time.perf_counter() - started) * 1000
+        for (conn, req), outcome in zip(batch, outcomes):
             if isinstance(outcome, Park):
                 conn.park = outcome
                 continue
-            self._wake_parked()             # the recipient hears first; the sender's answer follows
             self._respond(conn, *outcome)
             if self.verbose or outcome[0] >= 400:
-                log(f"{req.client} {req.method} {escape_for_log(req.path)} -> {outcome[0]} "
-                    f"({(time.perf_counter() - started) * 1000:.1f} ms)")
+                log(f"{req.client} {escape_for_log(req.method)} {escape_for_log(req.path)} -> {outcome[0]} "
+                    f"({elapsed:.1f} ms for a batch of {len(batch)})")
 
     def _parse(self, conn: Connection) -> Request:
         buf = conn.inbuf
@@ -210,6 +261,8 @@ class HttpLoop:
             method, target, version = head[:line_end].decode("ascii").split(" ")
         except (UnicodeDecodeError, ValueError):
             raise ApiError(400, "bad_request_line", "malformed request line")
+        if not METHOD.fullmatch(method):
+            raise ApiError(400, "bad_method", "the request method must be a few capital letters")
         if version not in ("HTTP/1.1", "HTTP/1.0"):
             raise ApiError(505, "http_version", "only HTTP/1.0 and HTTP/1.1 are spoken here")
         if not target.startswith("/"):
@@ -238,7 +291,10 @@ class HttpLoop:
 
     def _respond(self, conn: Connection, status: int, body, extra_headers=None) -> None:
         if isinstance(body, dict):
-            payload = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+            try:
+                payload = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+            except UnicodeEncodeError:      # a lone surrogate somewhere: \u-escapes are still valid JSON
+                payload = json.dumps(body, separators=(",", ":")).encode()
             content_type = "application/json"
         else:
             payload, content_type = body, None

@@ -23,6 +23,7 @@ HOST = "127.0.0.1"
 HMAC_KEY_FILE = "hmac.key"
 JOIN_SECRET_FILE = "join.secret"
 OPERATOR_TOKEN_FILE = "operator.token"
+OBSERVER_TOKEN_FILE = "observer.token"
 CHALLENGE_PREFIX = b"ctl-challenge:"
 
 
@@ -136,14 +137,17 @@ class TokenSigner:
         return f"ctl1.{payload.decode()}.{mac.decode()}"
 
     def claims(self, token: str):
-        """(peer_id, generation, role, scope, expires) if the MAC is right, else None; expiry is the caller's."""
+        """(peer_id, generation, role, scope, expires) if the MAC is right and the token is spelled exactly
+        as minted (one canonical spelling: no padding games, no stray characters), else None."""
         parts = token.split(".")
         if len(parts) != 3 or parts[0] != "ctl1" or len(token) > 512:
             return None
         try:
             payload = parts[1].encode("ascii")
-            mac = base64.urlsafe_b64decode(parts[2].encode("ascii"))
-            if not hmac.compare_digest(mac, self._mac(payload)):
+            expected = base64.urlsafe_b64encode(self._mac(payload))
+            if not hmac.compare_digest(parts[2].encode("ascii"), expected):
+                return None
+            if base64.urlsafe_b64encode(base64.urlsafe_b64decode(payload)) != payload:
                 return None
             version, peer_id, generation, role, scope, expires = \
                 base64.urlsafe_b64decode(payload).decode("ascii").split("|")
@@ -153,14 +157,13 @@ class TokenSigner:
         except (ValueError, UnicodeError, binascii.Error):
             return None
 
-    def observer_token(self) -> str:
-        """The read-only dashboard token: derived from the key, never expires, dies with the key."""
-        return self.mint(0, 0, "observer", "observe", 0)
 
 
-def challenge_proof(key: str, nonce: str) -> str:
-    """What only the holder of the state directory's HMAC key can answer for a nonce."""
-    return hmac.new(key.encode(), CHALLENGE_PREFIX + nonce.encode(), hashlib.sha256).hexdigest()
+def challenge_proof(key: str, nonce: str, port: int) -> str:
+    """What only the holder of the state directory's HMAC key can answer for a nonce, bound to the address
+    the client dialled: a relay on another port gets a proof its client will not accept."""
+    bound = f"{HOST}:{port}|{nonce}".encode()
+    return hmac.new(key.encode(), CHALLENGE_PREFIX + bound, hashlib.sha256).hexdigest()
 
 
 def _http():
@@ -214,7 +217,7 @@ class BrokerClient:
         nonce = secrets.token_hex(16)
         status, data = self._exchange("GET", f"/health?challenge={nonce}", None, {"Host": f"{HOST}:{self.port}"})
         proof = str(data.get("proof", "")) if isinstance(data, dict) else ""
-        if status != 200 or not hmac.compare_digest(proof.encode(), challenge_proof(self.verify_key, nonce).encode()):
+        if status != 200 or not hmac.compare_digest(proof.encode(), challenge_proof(self.verify_key, nonce, self.port).encode()):
             self.close()
             raise BrokerUnavailable(f"the process on port {self.port} is not our Control Tower broker")
 

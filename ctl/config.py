@@ -49,6 +49,14 @@ PRUNE_EVERY = 30.0          # seconds between retention passes
 CATEGORIES = ("info", "question", "answer", "status", "handoff", "blocker")
 TASK_STATUSES = ("blocked", "ready", "claimed", "done")
 ROOM_STATES = ("running", "paused", "stopped")
+ROOM_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
 LIMITS = {"title": 200, "description": 4000, "content": 8000, "summary": 2000, "reason": 200,
           "path": 1024, "mem_key": 128, "mem_value": 8000, "files": 100, "depends_on": 50,
-          "tasks": 10_000, "memory_keys": 256}
+          "tasks": 100_000, "memory_keys": 256,
+          "live_peers": 128,         # live sessions in one room
+          "joins_per_minute": 60,    # per room: a runaway script cannot mint thousands of peers
+          "locks_per_peer": 256,
+          "task_list": 200,          # tasks one listing returns; the rest are counted
+          "recent_done": 5}          # done tasks an unfiltered listing shows
+GONE_PEER_DAYS = 7                   # dead or departed peers (and their unread mail) are pruned after this
+

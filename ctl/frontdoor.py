@@ -14,7 +14,7 @@ from base64 import b64encode
 from dataclasses import dataclass
 
 from ctl import PACKAGE_DIR, common
-from ctl.api import JOINING, PUBLIC, ROUTE_METHODS, ROUTES, Park, Route, validate
+from ctl.api import JOINING, PUBLIC, ROUTE_METHODS, ROUTES, Flags, Park, Route, room_id_from, validate
 from ctl.common import TokenSigner
 from ctl.config import MAX_JSON_DEPTH, PRUNE_EVERY, Settings
 from ctl.errors import ApiError
@@ -104,6 +104,9 @@ class Broker:
         self.hmac_key = common.read_secret(state_dir, common.HMAC_KEY_FILE, create=True)
         self.join_secret = common.read_secret(state_dir, common.JOIN_SECRET_FILE, create=True).encode()
         self.operator_token = common.read_secret(state_dir, common.OPERATOR_TOKEN_FILE, create=True).encode()
+        self.observer_token = common.read_secret(state_dir, common.OBSERVER_TOKEN_FILE, create=True).encode()
+        self.own_secrets = tuple(t.decode() for t in (self.join_secret, self.operator_token, self.observer_token)) \
+            + (self.hmac_key,)
         self.signer = TokenSigner(self.hmac_key)
         db_path = os.path.join(state_dir, "broker.db")
         for suffix in ("", "-wal", "-shm"):
@@ -114,6 +117,7 @@ class Broker:
         self.started = time.time()
         self.next_prune = self.started + PRUNE_EVERY
         self.connections = 0
+        self.checkpoint_due = True
         self.static_pages = self._static_pages()
 
     def _static_pages(self) -> dict:
@@ -144,6 +148,12 @@ class Broker:
                "connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
         return page, csp
 
+    def refreshed_token(self, actor: Actor):
+        """A fresh session token once half the old one's life is gone, so a long session never expires."""
+        if actor.kind != "peer" or actor.token_expires - time.time() > self.settings.token_ttl / 2:
+            return None
+        return self.mint(actor.peer, "session")
+
     def mint(self, peer, scope: str) -> str:
         return self.signer.mint(peer["id"], peer["generation"], peer["role"], scope,
                                 int(time.time()) + self.settings.token_ttl)
@@ -169,47 +179,79 @@ class Broker:
             raise ApiError(403, "cross_site", "cross-site requests are refused")
 
     def authenticate(self, req: Request, route: Route) -> Actor:
+        """Who is asking, from the token alone. `authorize` then decides whether they may."""
         if route.who == PUBLIC:
             return Actor("public")
-        header = req.headers.get("authorization", "")
-        if not header.startswith("Bearer ") or len(header) > 600:
+        scheme, _, presented = req.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not presented.strip() or len(presented) > 600:
             raise ApiError(401, "missing_token", "send 'Authorization: Bearer <token>'; join first to get one")
-        presented = header[7:].strip().encode("utf-8", "replace")
+        presented = presented.strip().encode("utf-8", "replace")
         if route.who == JOINING:
             if not hmac.compare_digest(presented, self.join_secret):
                 raise ApiError(401, "bad_join_secret", "join needs the join secret from the state directory")
             return Actor("join")
         if hmac.compare_digest(presented, self.operator_token):
-            actor = Actor("operator")
-        else:
-            actor = self._token_actor(presented.decode("utf-8", "replace"))
+            return Actor("operator")
+        if hmac.compare_digest(presented, self.observer_token):
+            return Actor("observer")
+        return self._token_actor(presented.decode("utf-8", "replace"))
+
+    def authorize(self, req: Request, route: Route, actor: Actor, data: dict) -> None:
+        """The kind of token, the architect seat, the room the call acts on, and the room's stop."""
         if actor.kind not in route.who:
             raise ApiError(403, "forbidden", f"{actor.kind} tokens may not call {req.method} {req.path}")
         if route.architect and actor.kind == "peer" and actor.role != "architect":
-            raise ApiError(403, "architect_only",
-                           "only the architect may do this; ask the architect, e.g. with send")
-        return actor
+            raise ApiError(403, "architect_only", "only the architect may do this; ask the architect, e.g. with send")
+        if not route.scoped:
+            return
+        if actor.peer is not None:
+            if "room" in data:
+                raise ApiError(400, "room_in_body", "'room' is not allowed: your room comes from your token")
+            actor.room_id = actor.peer["room_id"]
+            if route.mutates and self.store.room_state(actor.room_id) == "stopped":
+                raise ApiError(423, "room_stopped", "the human stopped the room; stop working and wait for the human")
+            return
+        if "room" not in data:
+            raise ApiError(400, "room_required", "name the room: 'room' (its id) in the body or query; "
+                                                 "GET /rooms lists them")
+        actor.room_id = room_id_from(data.pop("room"))
+        self.store.room(actor.room_id)
 
     def _token_actor(self, token: str) -> Actor:
+        peer, scope, expires = self._current_peer(token)
+        return Actor("watch" if scope == "watch" else "peer", peer, peer["room_id"], expires)
+
+    def _current_peer(self, token: str):
+        """The peer a token names, if it is that peer's current token; else a 401 that says why."""
         claims = self.signer.claims(token)
-        if claims is None:
+        if claims is None or claims[3] not in ("session", "watch"):
             raise ApiError(401, "bad_token", "token is invalid; rejoin to get a new one")
         peer_id, generation, role, scope, expires = claims
-        if scope == "observe":
-            return Actor("observer")
         if expires < time.time():
             raise ApiError(401, "token_expired", "token expired; rejoin to get a new one")
         peer = self.store.peer_by_id(peer_id)
         if peer is None:
             raise ApiError(401, "bad_token", "token names no peer; rejoin")
-        if peer["status"] == "kicked":
-            raise ApiError(401, "kicked", "the operator removed you from the room; stop and ask the human")
-        if peer["generation"] != generation or peer["role"] != role:
-            raise ApiError(401, "token_superseded",
-                           "token was superseded (rejoin, role change or name takeover); rejoin")
-        if peer["status"] == "left":
-            raise ApiError(401, "left", "you left the room; join again")
-        return Actor("watch" if scope == "watch" else "peer", peer)
+        problem = self.PEER_GONE.get(peer["status"])
+        if problem is not None:
+            raise ApiError(401, *problem)
+        if peer["generation"] != generation:
+            raise ApiError(401, "token_superseded", "token was superseded (a rejoin or a name takeover); rejoin")
+        return peer, scope, expires
+
+    PEER_GONE = {"kicked": ("kicked", "the human removed you from the room; stop and ask the human"),
+                 "closed": ("room_archived", "the human archived this room; stop. A new join starts a fresh room"),
+                 "left": ("left", "you left the room; join again")}
+
+    def resumable_peer(self, token):
+        """A join may resume only with the peer's current, unexpired session token."""
+        if not token:
+            return None
+        try:
+            peer, scope, _ = self._current_peer(token)
+        except ApiError:
+            return None
+        return peer["id"] if scope == "session" else None
 
     def handle(self, req: Request):
         """Return (status, body, extra headers) or a Park; never raise."""
@@ -221,9 +263,9 @@ class Broker:
             route = ROUTES.get((req.method, req.path))
             if route is None:
                 if req.path in ROUTE_METHODS:
-                    raise ApiError(405, "method_not_allowed",
-                                   f"{req.path} accepts {', '.join(ROUTE_METHODS[req.path])}")
-                raise ApiError(404, "no_route", f"no route {req.path}; see the README's HTTP API section")
+                    raise ApiError(405, "method_not_allowed", f"{req.path} accepts {', '.join(ROUTE_METHODS[req.path])}")
+                raise ApiError(404, "no_route", "no such route; see the README's HTTP API section")
+            actor = self.authenticate(req, route)      # the token first: cheap, and names who is refused
             if req.method == "POST":
                 ctype = req.headers.get("content-type", "").split(";")[0].strip().lower()
                 if ctype != "application/json":
@@ -233,50 +275,73 @@ class Broker:
                 if req.body:
                     raise ApiError(400, "unexpected_body", "GET requests carry no body; use the query string")
                 data = parse_query(req.query)
-            actor = self.authenticate(req, route)
-            params = validate(route.schema, data)
+            self.authorize(req, route, actor, data)
+            flags = Flags(self.own_secrets)
+            params = validate(route.schema, data, flags)
+            params["flagged"] = flags
+            for field, rule in flags:
+                if field != "content":
+                    self.store.record_event(actor.room_id, "content_flagged", actor.name,
+                                            f"{req.method} {req.path}: {field} (rule {rule})", time.time())
             result = route.handler(self, actor, params)
             return result if isinstance(result, Park) else (200, result, self._room_header(actor))
         except ApiError as err:
             self._note_refusal(err, actor, req)
             return err.status, err.body(), self._room_header(actor)
         except sqlite3.OperationalError as exc:
-            log(f"storage error on {req.method} {escape_for_log(req.path)}: {exc}")
-            return 503, {"error": {"code": "storage_unavailable", "message": "storage is busy or full; retry shortly"}}
+            busy = "locked" in str(exc) or "busy" in str(exc)
+            log(f"storage {'busy' if busy else 'error'} on {escape_for_log(req.method)} {escape_for_log(req.path)}: {exc}")
+            return 503, {"error": {"code": "storage_busy" if busy else "storage_unavailable",
+                                   "message": "storage is busy; retry in a moment" if busy else
+                                   "storage failed; see the broker log"}}, {"Retry-After": "1"}
         except Exception:
-            log(f"internal error on {req.method} {escape_for_log(req.path)}:\n{traceback.format_exc()}")
+            log(f"internal error on {escape_for_log(req.method)} {escape_for_log(req.path)}:\n{traceback.format_exc()}")
             return 500, {"error": {"code": "internal", "message": "internal error; see the broker log"}}
 
     def _room_header(self, actor) -> dict:
-        """Sessions learn of a pause or stop on their very next call, whatever it was."""
-        if actor is None or actor.kind not in ("peer", "watch"):
+        """Sessions learn of a pause or stop, and of unread mail, on their very next call, whatever it was."""
+        if actor is None or actor.peer is None:
             return {}
-        return {"X-CTL-Room": self.store.room_state()}
+        headers = {"X-CTL-Room": self.store.room_state(actor.peer["room_id"])}
+        if actor.kind == "peer":
+            unread = self.store.unread_summary(actor.peer["id"])
+            headers["X-CTL-Unread"] = str(unread["unread"]) + (
+                f"; from={unread['latest_from']}; category={unread['latest_category']}" if unread["unread"] else "")
+        return headers
 
     SECURITY_EVENTS = {401: "auth_failed", 403: "forbidden", 421: "wrong_host", 422: "content_filtered",
                        429: "rate_limited"}
 
     def _note_refusal(self, err: ApiError, actor, req: Request) -> None:
+        """Refusals of a known peer go to its room's record; anonymous ones are counted per minute."""
         kind = self.SECURITY_EVENTS.get(err.status)
         if kind is None:
             return
-        who = actor.name if actor is not None and actor.kind not in ("join", "public") else f"client {req.client}"
-        detail = f"{req.method} {escape_for_log(req.path)}: {err.code}"
+        detail = f"{escape_for_log(req.method)} {escape_for_log(req.path)[:80]}: {err.code}"
         if "rule" in err.extra:
             detail += f" (rule {err.extra['rule']} on {err.extra['field']})"
         try:
-            self.store.record_event(kind, who, detail)
+            if actor is not None and actor.peer is not None:
+                self.store.record_event(actor.peer["room_id"], kind, actor.name, detail, time.time())
+            elif actor is not None and actor.kind == "operator":
+                self.store.record_event(actor.room_id, kind, "operator", detail, time.time())
+            else:
+                self.store.record_refusal(kind, detail, time.time())
         except sqlite3.Error:
             pass
 
-    def tick(self) -> None:
-        """Once a second from the loop: leases and retention. Errors are logged, never fatal."""
+    def tick(self, idle: bool) -> None:
+        """Once a second from the loop: leases, retention, and a WAL checkpoint when idle. Never fatal."""
         now = time.time()
         try:
             if self.store.reap(now):
                 self.store.wake_everyone = True
             if now >= self.next_prune:
                 self.next_prune = now + PRUNE_EVERY
-                self.store.prune()
+                self.store.prune(now)
+                self.checkpoint_due = True
+            if idle and self.checkpoint_due:
+                self.store.checkpoint()
+                self.checkpoint_due = False
         except sqlite3.Error as exc:
             log(f"tick failed (will retry): {exc}")

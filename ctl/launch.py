@@ -68,26 +68,49 @@ def status(port: int, state_dir: str) -> int:
     if not broker_running(port, state_dir):
         print(f"No broker answers on port {port}; start it with: {user_command('launch')}")
         return 1
-    token = common.read_secret(state_dir, common.OPERATOR_TOKEN_FILE)
-    client = BrokerClient(port, token=token)
+    client = operator_client(port, state_dir)
     try:
-        code, room = client.request("GET", "/state")
+        rooms = client_ok(client, "GET", "/rooms")["rooms"]
+        open_rooms = [r for r in rooms if not r["archived"]]
+        print(f"Broker on port {port}: {len(open_rooms)} open room(s), {len(rooms) - len(open_rooms)} archived.")
+        for summary in open_rooms:
+            room = client_ok(client, "GET", f"/state?room={summary['id']}")
+            show_room(room)
     finally:
         client.close()
-    if code != 200:
-        print(f"The broker refused the status request: {room.get('error', {}).get('message')}")
-        return 1
-    counts = room["tasks"]["counts"]
-    print(f"Room {room['room']['state']} on port {port}; architect: {room['room']['architect'] or 'none'}")
-    print(f"Tasks: {counts['ready']} ready, {counts['claimed']} claimed, {counts['blocked']} blocked, "
-          f"{counts['done']} done")
-    print("Peers:" if room["peers"] else "Peers: none")
-    for peer in room["peers"]:
-        claims = f", holds #{', #'.join(map(str, peer['claims']))}" if peer["claims"] else ""
-        print(f"  {peer['name']} ({peer['role']}, {peer['state']}){claims}, {peer['unread']} unread")
-    print(f"Locks: {len(room['locks'])}" + "".join(f"\n  {lock['path']} by {lock['holder']}" for lock in room["locks"]))
-    print(f"Unread blockers: {room['open_blockers']}")
     return 0
+
+
+def show_room(room: dict) -> None:
+    """One room in the terminal; every peer-set text escaped, so it cannot move the cursor or forge a line."""
+    counts, info = room["tasks"]["counts"], room["room"]
+    print(f"\nRoom {printable(info['name'])} ({printable(info['root'] or 'no project root')}): {info['state']}; "
+          f"architect: {printable(info['architect'] or 'none')}")
+    print(f"  Tasks: {counts['ready']} ready, {counts['claimed']} claimed, {counts['blocked']} blocked, "
+          f"{counts['done']} done")
+    for peer in room["peers"]:
+        claims = f", holds {', '.join(f'#{c}' for c in peer['claims'])}" if peer["claims"] else ""
+        print(f"  {printable(peer['name'])} ({peer['role']}, {peer['state']}){claims}, {peer['unread']} unread")
+    for lock in room["locks"]:
+        print(f"  lock {printable(lock['path'])} by {printable(lock['holder'])}")
+    print(f"  Unread blockers: {room['open_blockers']}")
+
+
+def printable(text: str) -> str:
+    """Control characters (a \\r that rewrites the line, an escape sequence) shown as escapes."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(text))
+
+
+def operator_client(port: int, state_dir: str) -> BrokerClient:
+    key = common.read_secret(state_dir, common.HMAC_KEY_FILE)
+    return BrokerClient(port, token=common.read_secret(state_dir, common.OPERATOR_TOKEN_FILE), verify_key=key)
+
+
+def client_ok(client: BrokerClient, method: str, path: str, body=None) -> dict:
+    status, data = client.request(method, path, body)
+    if status != 200:
+        raise StateError(f"the broker refused {method} {path}: {data.get('error', {}).get('message', status)}")
+    return data
 
 
 def main(argv=None) -> int:

@@ -6,7 +6,7 @@ to stderr). The session's identity lives in this process: its token is never pri
 argv. Tool calls run on worker threads so a waiting `check` never blocks `ping` or cancellation.
 
     python3 mcp_server.py              serve one session over stdio (what Claude Code starts)
-    python3 mcp_server.py watch NAME   wait for NAME's next message, print it, exit (wakes an agent)
+    python3 mcp_server.py watch ROOM/NAME   wait for that session's next message, print it, exit
 """
 import argparse
 import json
@@ -22,13 +22,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from urllib.parse import quote
 
-from ctl import common, entry_command, user_command
+from ctl import common, entry_command, identity, user_command
 from ctl.common import BrokerClient, BrokerUnavailable, StateError
 
 VERSION = "0.1.0"
 PROTOCOL_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")
 BATCHING_VERSIONS = ("2025-03-26",)
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,31}")
 
 INSTRUCTIONS = """Control Tower Lite: you share a room with other Claude Code sessions on this machine.
 1. join first (role "architect" if you plan the work, else "worker"). Tools called before join join you as a worker.
@@ -51,10 +50,11 @@ class ToolRefusal(Exception):
 # ---------------------------------------------------------------- rendering peer text
 
 
-def fence(lines: list, nonce: str) -> str:
+def fence(lines: list, nonce: str, label: str = "") -> str:
     """Peer-written text inside a fence the writer could not have guessed; look-alike fences defanged."""
     body = "\n".join(re.sub(r"(<<<|>>>)", lambda m: " ".join(m.group(1)), line) for line in lines)
-    return f"<<<peer-text {nonce}\n{body}\npeer-text {nonce}>>>"
+    tag = f" {label}" if label else ""
+    return f"<<<peer-text {nonce}{tag}\n{body}\npeer-text {nonce}>>>"
 
 
 def when(timestamp: float) -> str:
@@ -65,7 +65,7 @@ def render_messages(messages: list) -> str:
     nonce = secrets.token_hex(6)
     parts = []
     for m in messages:
-        flag = " FLAGGED" if m.get("flagged") else ""
+        flag = f", FLAGGED by the filter (rule {m['flagged']})" if m.get("flagged") else ""
         parts.append(f"#{m['id']} from {m['from']} ({m['from_role']}, {m['origin']}) to {m['to']}, "
                      f"{m['category']}{flag}, {when(m['at'])}:\n{fence(m['content'].splitlines() or [''], nonce)}")
     return "\n".join(parts)
@@ -74,27 +74,26 @@ def render_messages(messages: list) -> str:
 # ---------------------------------------------------------------- the session's identity
 
 
-def default_name(cwd: str) -> str:
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", os.path.basename(cwd.rstrip("/")) or "peer")
-    name = name.lstrip("._-")[:32] or "peer"
-    return name if NAME_RE.fullmatch(name) else "peer"
-
-
 class Session:
     """Holds the token, rejoins transparently (broker restart, 401), starts the broker if none runs."""
 
     def __init__(self, port: int, state_dir: str, cwd: str):
         self.port, self.state_dir, self.cwd = port, state_dir, cwd
-        self.name = os.environ.get("CTL_NAME") or default_name(cwd)
+        self.root = identity.project_root(cwd)
+        self.room_request = os.environ.get("CTL_ROOM") or None   # a room name shared on purpose, else the root
+        self.name = os.environ.get("CTL_NAME") or identity.default_name(cwd)
         self.first_role = os.environ.get("CTL_ROLE") or None      # asked for on the first join only
         self.summary = ""
         self.token = None
         self.watch_token = None
+        self.room_name = None
         self.lease_seconds = 30
         self.room = "running"
-        self.kicked = False
+        self.unread = {}
+        self.ended = None           # why this session may not rejoin by itself: kicked, or the room archived
         self.joined_once = False
         self.push_enabled = False
+        self.binding = None
         self.lock = threading.RLock()
         self.local = threading.local()
         self.stopping = threading.Event()
@@ -124,35 +123,50 @@ class Session:
                 raise ToolRefusal(f"could not start or reach the broker on port {self.port} ({exc}); "
                                   f"ask the human to run: {user_command('launch')}")
 
-    def join(self, name=None, role=None, summary=None) -> dict:
-        """Join (or rejoin) the room; on a name clash for a default name, try name-2, name-3, ..."""
+    def join(self, name=None, role=None, summary=None, explicit=False) -> dict:
+        """Join (or rejoin) the project's room. A default name that is taken, reserved or a look-alike becomes
+        name-2, name-3, ...; an explicit one is refused with the broker's reason. A refused join changes nothing."""
         with self.lock:
-            if self.kicked:
-                raise ToolRefusal("the operator removed this session from the room; stop and ask the human")
+            if self.ended and not explicit:
+                raise ToolRefusal(self.ended)
             chosen = name or self.name
             asked_role = role or (None if self.joined_once else self.first_role)
-            self.summary = summary if summary is not None else self.summary
-            candidates = [chosen] if name or self.joined_once else [chosen] + [f"{chosen[:29]}-{i}" for i in range(2, 10)]
+            wanted_summary = summary if summary is not None else self.summary
+            retry = not name and (explicit or not self.joined_once)
+            candidates = [chosen] + ([f"{chosen[:29]}-{i}" for i in range(2, 10)] if retry else [])
             for candidate in candidates:
-                body = {"name": candidate, "summary": self.summary, "root": self.cwd}
+                body = {"name": candidate, "summary": wanted_summary, "root": self.root}
+                if self.room_request:
+                    body["room"] = self.room_request
                 if asked_role:
                     body["role"] = asked_role       # without one, a rejoin keeps the role the broker holds
-                if self.token and candidate == self.name:
+                if self.token and candidate == self.name and not self.ended:
                     body["resume"] = self.token
                 status, data = self._join_request(body)
                 if status == 200:
                     break
                 code = data.get("error", {}).get("code")
-                if code not in ("name_taken", "lookalike_name") or candidate == candidates[-1]:
+                if code not in ("name_taken", "lookalike_name", "reserved_name") or candidate == candidates[-1]:
                     raise ToolRefusal(data.get("error", {}).get("message", f"join failed ({status})"))
-            old_name = self.name
-            if self.token and data["name"] != old_name:
+            old_name, old_room = self.name, self.room_name
+            if self.token and (data["name"] != old_name or data["room_name"] != old_room) and not self.ended:
                 self._leave_quietly()
-            self.name, self.token = data["name"], data["token"]
+            self.ended = None
+            self.summary = wanted_summary
+            self.name, self.token, self.room_name = data["name"], data["token"], data["room_name"]
             self.watch_token, self.lease_seconds, self.room = data["watch_token"], data["lease_seconds"], data["room"]
+            self.unread = {k: data[k] for k in ("unread", "latest_from", "latest_category") if k in data}
             self.joined_once = True
-            self._write_watch_ticket(old_name)
+            identity.write_ticket(self.state_dir, self.room_name, self.name, self.watch_token)
+            self.adopt_token(self.token)
+            data["asked_name"] = chosen
             return data
+
+    def adopt_token(self, token: str) -> None:
+        with self.lock:
+            self.token = token
+            self.binding = identity.write_binding(self.state_dir, {
+                "port": self.port, "token": self.token, "name": self.name, "room": self.room_name, "root": self.root})
 
     def _join_request(self, body: dict):
         for attempt in (1, 2):
@@ -167,34 +181,21 @@ class Session:
                 self.start_broker()
         raise AssertionError("unreachable")
 
-    def _watch_dir(self) -> str:
-        return os.path.join(self.state_dir, "watch")
-
-    def _write_watch_ticket(self, old_name: str) -> None:
-        """The watcher's narrow credential (read and acknowledge this inbox only), in a 0600 file."""
-        folder = self._watch_dir()
-        os.makedirs(folder, mode=0o700, exist_ok=True)
-        if old_name != self.name:
-            remove_quietly(os.path.join(folder, f"{old_name}.json"))
-        path = os.path.join(folder, f"{self.name}.json")
-        tmp = f"{path}.{os.getpid()}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            json.dump({"name": self.name, "token": self.watch_token, "cwd": self.cwd, "pid": os.getpid()}, handle)
-        os.replace(tmp, path)
-
     def watch_command(self) -> str:
         command = entry_command("mcp")
         if self.port != common.DEFAULT_PORT:
             command += ["--port", str(self.port)]
         if self.state_dir != common.resolve_state_dir(common.DEFAULT_STATE_DIR):
             command += ["--state-dir", self.state_dir]
-        command += ["watch", self.name]
+        command += ["watch", f"{self.room_name}/{self.name}"]
         return shlex.join(command)
 
     def ensure_joined(self) -> None:
         if self.token is None:
             self.join()
+
+    ENDINGS = {"kicked": "the human removed this session from the room; stop and ask the human",
+               "room_archived": "the human archived this room; stop and report. Calling join starts a fresh room"}
 
     def call(self, method: str, path: str, body=None, timeout: float = None):
         """One broker call as this session: rejoin on 401 or a restarted broker, then retry once."""
@@ -210,11 +211,15 @@ class Session:
                 self.start_broker()
                 self.join()
                 continue
-            self.room = self.client().headers.get("x-ctl-room", self.room)
+            headers = self.client().headers
+            self.room = headers.get("x-ctl-room", self.room)
+            if "x-ctl-unread" in headers:
+                self.unread = parse_unread(headers["x-ctl-unread"])
             code = data.get("error", {}).get("code") if isinstance(data, dict) else None
-            if status == 401 and code == "kicked":
-                self.kicked = True
-                raise ToolRefusal("the operator removed this session from the room; stop and ask the human")
+            if status == 401 and code in self.ENDINGS:
+                self.ended = self.ENDINGS[code]
+                self._forget_credentials()
+                raise ToolRefusal(self.ended)
             if status == 401 and attempt == 1:
                 self.join()
                 continue
@@ -225,15 +230,12 @@ class Session:
         status, data = self.call(method, path, body, timeout)
         if status != 200:
             error = data.get("error", {}) if isinstance(data, dict) else {}
-            message = error.get("message", f"broker answered {status}")
-            if "retry_after" in error:
-                message += f" (retry after {error['retry_after']}s)"
-            raise ToolRefusal(message)
+            raise ToolRefusal(error.get("message", f"the broker answered {status}"))
         return data
 
     def leave(self) -> None:
         with self.lock:
-            if self.token is None or self.kicked:
+            if self.token is None or self.ended:
                 return
             self._leave_quietly()
             self.token = None
@@ -244,26 +246,40 @@ class Session:
             self.client().request("POST", "/leave", {}, token=self.token, timeout=3)
         except BrokerUnavailable:
             pass
-        remove_quietly(os.path.join(self._watch_dir(), f"{self.name}.json"))
+        self._forget_credentials()
+
+    def _forget_credentials(self) -> None:
+        """Tickets and bindings die with their peer: no watcher or hook can act for it afterwards."""
+        if self.room_name:
+            identity.remove_quietly(identity.ticket_path(self.state_dir, self.room_name, self.name))
+        if self.binding:
+            identity.remove_quietly(self.binding)
+            self.binding = None
 
     def heartbeat_forever(self) -> None:
         """Renew the session's leases; if the broker went away, bring it back and rejoin."""
         while not self.stopping.wait(max(1.0, self.lease_seconds / 3)):
-            if self.token is None or self.kicked:
+            if self.token is None or self.ended:
                 continue
             try:
-                self.call("POST", "/heartbeat", {})
+                answer = self.ok("POST", "/heartbeat", {"reach": "push" if self.push_enabled else "tool"})
+                if "token" in answer:
+                    self.adopt_token(answer["token"])
             except ToolRefusal as refusal:
                 log(f"heartbeat: {refusal}")
             except Exception as exc:
                 log(f"heartbeat failed, will retry: {exc!r}")
 
 
-def remove_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+def parse_unread(header: str) -> dict:
+    """`X-CTL-Unread: 2; from=lead; category=blocker` as a dict."""
+    count, *rest = header.split(";")
+    found = {"unread": int(count) if count.strip().isdigit() else 0}
+    for part in rest:
+        key, _, value = part.strip().partition("=")
+        if key in ("from", "category"):
+            found[f"latest_{key}"] = value
+    return found
 
 
 # ---------------------------------------------------------------- tools: one table, declared once
@@ -301,33 +317,52 @@ class Tool:
 
 
 def notice(session) -> str:
+    """The line every result starts with when the room or the inbox needs the model's attention."""
+    lines = []
     if session.room == "stopped":
-        return "STOP: the human stopped the room. Stop working, report where you are, and wait.\n"
-    if session.room == "paused":
-        return "PAUSED: the human paused the room; messages are held until it resumes.\n"
-    return ""
+        lines.append("STOP: the human stopped the room. Stop working, report where you are, and wait.")
+    elif session.room == "paused":
+        lines.append("PAUSED: the human paused the room; messages are held until it resumes.")
+    count = session.unread.get("unread", 0)
+    if count:
+        latest = session.unread.get("latest_from")
+        lines.append(f"{count} unread message{'s' if count > 1 else ''}"
+                     + (f" (latest from {latest}, {session.unread.get('latest_category')})" if latest else "")
+                     + ": call check")
+    return "".join(line + "\n" for line in lines)
+
+
+NEXT_STEP = {"architect": "Next: plan the work with create_task (depends_on orders it); record decisions with set_memory.",
+             "worker": "Next: claim_task, lock_file before each edit, then complete_task with a summary."}
 
 
 def t_join(session, args):
-    data = session.join(args.get("name"), args.get("role"), args.get("summary"))
+    data = session.join(args.get("name"), args.get("role"), args.get("summary"), explicit=True)
     peers = [{k: p[k] for k in ("name", "role", "state", "summary")} for p in data["peers"]]
-    result = {"name": data["name"], "role": data["role"], "room": data["room"], "peers": peers}
+    result = {"name": data["name"], "role": data["role"], "room": data["room"], "room_name": data["room_name"],
+              "peers": peers}
     others = ", ".join(f"{p['name']} ({p['role']})" for p in peers) or "nobody else yet"
-    text = f"Joined as {data['name']} ({data['role']}). In the room: {others}."
+    text = f"Joined room {data['room_name']} as {data['name']} ({data['role']}). In the room: {others}."
+    if data["name"] != data["asked_name"]:
+        text += (f"\n{data['asked_name']} was taken or reserved, so you are {data['name']}; "
+                 "choose a name with join(name=...) or CTL_NAME.")
     if not session.push_enabled:
         result["watch"] = session.watch_command()
         text += f"\nTo hear messages between turns, run in the background: {result['watch']}"
-    return result, text
+    return result, text + "\n" + NEXT_STEP[data["role"]]
 
 
 def t_send(session, args):
     body = {"to": args["to"], "content": args["content"], "category": args.get("category", "info")}
     data = session.ok("POST", "/messages", body)
     reach = ", ".join(data["delivered_to"]) or "nobody (no one else is here)"
-    text = f"Sent #{data['message_id']} to {reach}."
-    for key in ("held", "flagged"):
-        if key in data:
-            text += f" ({data[key]})"
+    text = f"Sent message #{data['message_id']} to {reach}."
+    if "held" in data:
+        text += f" Held: {data['held']}."
+    if "blocker" in data:
+        text += f" Blocker {data['blocker']}."
+    if "flagged" in data:
+        text += f" Flagged by the content filter (rule {data['flagged']}): delivered, marked for the reader and the human."
     return data, text
 
 
@@ -337,27 +372,40 @@ def t_check(session, args):
     messages = data["messages"]
     if messages:
         session.ok("POST", "/inbox/ack", {"ids": [m["delivery_id"] for m in messages]})
+    session.unread = {}
     shown = [{k: v for k, v in m.items() if k != "delivery_id"} for m in messages]
     text = render_messages(messages) if messages else "No new messages."
-    return {"room": data["room"], "messages": shown}, text
+    receipts = session.ok("GET", "/receipts")["messages"]
+    pending = [r for r in receipts if r["unread_by"]]
+    if pending:
+        text += "\nNot yet read: " + "; ".join(f"#{r['id']} by {', '.join(r['unread_by'])}" for r in pending) + "."
+    return {"room": data["room"], "messages": shown, "sent": receipts}, text
 
 
-def _task_line(task) -> str:
-    line = f"#{task['id']} [{task['status']}] {task['title']}"
+def _refs(ids) -> str:
+    return ", ".join(f"#{i}" for i in ids)
+
+
+def _task_block(task, nonce: str) -> list:
+    """Broker-set facts on the task's own line; every peer-written field in a fence of its own."""
+    facts = f"#{task['id']} {task['status']}"
     if task.get("depends_on"):
-        line += f" (after {', '.join(map(str, task['depends_on']))})"
+        facts += f", after {_refs(task['depends_on'])}"
     if task.get("assignee"):
-        line += f", held by {task['assignee']}"
+        facts += f", held by {task['assignee']}"
     if task["status"] == "done":
-        line += f", done by {task['done_by']}: {task['summary']}"
-    return line
+        facts += f", done by {task['done_by']}"
+    lines = [facts, fence(task["title"].splitlines() or [""], nonce, "title")]
+    if task["status"] == "done" and task.get("summary"):
+        lines.append(fence(task["summary"].splitlines(), nonce, "summary"))
+    return lines
 
 
 def t_create_task(session, args):
     body = {"title": args["title"], "description": args.get("description", ""),
             "depends_on": args.get("depends_on", [])}
     task = session.ok("POST", "/tasks", body)
-    waiting = f", waiting on {task['waiting_on']}" if task.get("waiting_on") else ""
+    waiting = f", waiting on {_refs(task['waiting_on'])}" if task.get("waiting_on") else ""
     return task, f"Created task #{task['id']} ({task['status']}{waiting})."
 
 
@@ -367,27 +415,53 @@ def t_list_tasks(session, args):
     counts = ", ".join(f"{n} {s}" for s, n in data["counts"].items() if n)
     if not data["tasks"]:
         return data, f"No tasks{' with status ' + args['status'] if args.get('status') else ''} ({counts or 'none at all'})."
-    return data, f"Tasks ({counts}):\n" + fence([_task_line(t) for t in data["tasks"]], secrets.token_hex(6))
+    nonce = secrets.token_hex(6)
+    lines = [f"Tasks ({counts}):"] + [line for t in data["tasks"] for line in _task_block(t, nonce)]
+    if data["not_shown"]:
+        lines.append(f"{data['not_shown']} more not shown (older done tasks, or past the first "
+                     f"{len(data['tasks'])}); list_tasks with a status shows one kind.")
+    return data, "\n".join(lines)
 
 
 def t_claim_task(session, args):
     body = {"task_id": args["task_id"]} if args.get("task_id") else {}
     task = session.ok("POST", "/tasks/claim", body)
-    lines = [task["title"]] + (task.get("description", "").splitlines())
-    return task, f"Claimed task #{task['id']}. Lock files before editing; complete it with a summary.\n" + \
-        fence(lines, secrets.token_hex(6))
+    nonce = secrets.token_hex(6)
+    lines = [f"Claimed task #{task['id']}. Lock files before editing; complete it with a summary.",
+             fence(task["title"].splitlines(), nonce, "title")]
+    if task.get("description"):
+        lines.append(fence(task["description"].splitlines(), nonce, "description"))
+    for before in task.get("previous_holders", []):
+        lines.append(f"Before you, {before['holder']} held it for {before['held_seconds']}s ({before['why']}); "
+                     "pick up from its partial work. Its last status:")
+        lines.append(fence((before["last_status"] or "(none given)").splitlines(), nonce, "status"))
+    return task, "\n".join(lines)
 
 
 def t_complete_task(session, args):
     body = {"task_id": args["task_id"], "summary": args["summary"], "files": args.get("files", [])}
     task = session.ok("POST", "/tasks/complete", body)
-    unblocked = f" Now ready: {', '.join('#' + str(t) for t in task['unblocked'])}." if task["unblocked"] else ""
-    return task, f"Completed task #{task['id']}.{unblocked} Unlock the files you locked."
+    text = f"Completed task #{task['id']}."
+    if task["unblocked"]:
+        text += f" Now ready: {_refs(task['unblocked'])}."
+    if task.get("auto_locks_released"):
+        text += f" Released {len(task['auto_locks_released'])} lock(s) taken automatically for your edits."
+    if task.get("locks_held"):
+        text += f" You still hold {task['locks_held']} lock(s): unlock the files you are done with."
+    return task, text
 
 
 def t_lock_file(session, args):
-    lock = session.ok("POST", "/locks", {"path": args["path"], "reason": args.get("reason", "")})
-    return lock, f"Locked {lock['path']}."
+    status, data = session.call("POST", "/locks", {"path": args["path"], "reason": args.get("reason", "")})
+    error = data.get("error", {}) if isinstance(data, dict) else {}
+    if status == 409 and "lock" in error:
+        held = error["lock"]
+        raise ToolRefusal(f"{held['path']} is locked by {held['holder']} since {when(held['since'])}; message them "
+                          f"or work on another file. Their reason:\n"
+                          + fence((held["reason"] or "(none given)").splitlines(), secrets.token_hex(6), "reason"))
+    if status != 200:
+        raise ToolRefusal(error.get("message", f"the broker answered {status}"))
+    return data, f"Locked {data['path']}."
 
 
 def t_unlock_file(session, args):
@@ -397,7 +471,7 @@ def t_unlock_file(session, args):
 
 def t_set_memory(session, args):
     data = session.ok("POST", "/memory", {"key": args["key"], "value": args["value"]})
-    return data, f"Saved memory {data['key']!r} ({data['bytes']} bytes)."
+    return data, f"Saved the shared decision ({data['bytes']} bytes)."
 
 
 def t_get_memory(session, args):
@@ -405,11 +479,13 @@ def t_get_memory(session, args):
     data = session.ok("GET", f"/memory{query}")
     if not data["entries"]:
         return data, "Shared memory is empty."
+    nonce = secrets.token_hex(6)
     lines = []
     for entry in data["entries"]:
-        lines.append(f"{entry['key']} (by {entry['updated_by']}):")
-        lines.extend("  " + line for line in entry["value"].splitlines())
-    return data, fence(lines, secrets.token_hex(6))
+        lines.append(f"Set by {entry['updated_by']} at {when(entry['updated_at'])}:")
+        lines.append(fence(entry["key"].splitlines(), nonce, "key"))
+        lines.append(fence(entry["value"].splitlines(), nonce, "value"))
+    return data, "\n".join(lines)
 
 
 READ_ONLY = {"readOnlyHint": True, "destructiveHint": False, "idempotentHint": True, "openWorldHint": False}
@@ -428,11 +504,11 @@ TOOLS = [
          "Join the team room (name defaults to this folder). Returns your identity and who is here.",
          _obj([], name=NAME_SCHEMA, role={"type": "string", "enum": ["worker", "architect"]},
               summary=_text(2000, description="what you are working on")),
-         _out(["name", "role", "room", "peers"], name=STR, role=STR, room=STR, watch=STR,
+         _out(["name", "role", "room", "peers"], name=STR, role=STR, room=STR, room_name=STR, watch=STR,
               peers={"type": "array", "items": _out(["name", "role"], name=STR, role=STR)}),
          _writes(idempotent=True), t_join),
     Tool("send", "Send a message",
-         "Message a peer by name, or everyone with to=\"*\". category \"blocker\" also alerts the architect and the human.",
+         "Message a peer by name, the architect with to=\"architect\", or everyone with to=\"*\". category \"blocker\" also alerts the architect and the human.",
          _obj(["to", "content"], to={"type": "string", "pattern": "^(\\*|[A-Za-z0-9][A-Za-z0-9._-]{0,31})$"},
               content=_text(8000, minLength=1),
               category={"type": "string", "enum": ["info", "question", "answer", "status", "handoff", "blocker"]}),
@@ -733,35 +809,34 @@ def tool_error(text: str) -> dict:
 # ---------------------------------------------------------------- the watcher
 
 
-def watch(name, port: int, state_dir: str, timeout: float) -> int:
+def watch(target, port: int, state_dir: str, timeout: float) -> int:
     """Wait for this session's next message, print it, acknowledge it, exit: the exit wakes the agent."""
-    folder = os.path.join(state_dir, "watch")
-    try:
-        tickets = sorted(f[:-5] for f in os.listdir(folder) if f.endswith(".json"))
-    except FileNotFoundError:
-        tickets = []
-    if name is None:
+    tickets = identity.list_tickets(state_dir)
+    if target is None:
         if len(tickets) != 1:
-            print(f"watch: name the session to watch ({', '.join(tickets) or 'no session has joined yet'})",
+            print(f"watch: name the session to watch as ROOM/NAME ({', '.join(tickets) or 'no session has joined yet'})",
                   file=sys.stderr)
             return 2
-        name = tickets[0]
+        target = tickets[0]
+    room, _, name = target.rpartition("/")
     key = common.read_secret(state_dir, common.HMAC_KEY_FILE)
     deadline = time.time() + timeout if timeout else None
     failures = 0
     while deadline is None or time.time() < deadline:
-        path = os.path.join(folder, f"{name}.json")
-        try:
-            common.check_private_file(path)
-            with open(path) as handle:
-                token = json.load(handle)["token"]
-        except (FileNotFoundError, ValueError, KeyError, StateError):
-            print(f"watch: no joined session named {name!r}; call join first", file=sys.stderr)
+        ticket = identity.read_ticket(state_dir, room, name) if room else None
+        if ticket is None:
+            print(f"watch: no joined session {target}; the session must join first (sessions: "
+                  f"{', '.join(tickets) or 'none'})", file=sys.stderr)
             return 2
         wait = 50 if deadline is None else max(0, min(50, int(deadline - time.time())))
-        client = BrokerClient(port, token=token, timeout=wait + 10, verify_key=key)
+        client = BrokerClient(port, token=ticket["token"], timeout=wait + 10, verify_key=key)
         try:
             status, batch = client.request("GET", f"/inbox?wait={wait}&limit=20")
+            code = batch.get("error", {}).get("code") if isinstance(batch, dict) else None
+            if status == 401 and code in WATCH_ENDINGS:
+                identity.remove_quietly(identity.ticket_path(state_dir, room, name))
+                print(WATCH_ENDINGS[code])
+                return 3
             if status == 200 and (batch["messages"] or batch["room"] == "stopped"):
                 if batch["room"] == "stopped":
                     print("STOP: the human stopped the room. Do not restart this watcher; wait for the human.")
@@ -777,11 +852,17 @@ def watch(name, port: int, state_dir: str, timeout: float) -> int:
             client.close()
         if failures:
             if failures > 30:
-                print("watch: the broker keeps refusing this session; call join again", file=sys.stderr)
+                print("watch: the broker keeps refusing this session's ticket; the session will make a new one "
+                      "at its next tool call, then run this again", file=sys.stderr)
                 return 3
             time.sleep(1)
     print("watch: no message before the timeout; run it again to keep listening")
     return 0
+
+
+WATCH_ENDINGS = {"kicked": "watch: the human removed this session from the room. Do not restart this watcher.",
+                 "room_archived": "watch: the human archived this room. Do not restart this watcher.",
+                 "left": "watch: this session left the room. Do not restart this watcher."}
 
 
 # ---------------------------------------------------------------- main
@@ -792,14 +873,14 @@ def main(argv=None) -> int:
     common.add_location_args(parser)
     sub = parser.add_subparsers(dest="command")
     watcher = sub.add_parser("watch", help="wait for a session's next message, print it and exit")
-    watcher.add_argument("name", nargs="?", help="the session's peer name (default: the only one)")
+    watcher.add_argument("target", nargs="?", help="the session as ROOM/NAME (default: the only one)")
     watcher.add_argument("--timeout", type=float, default=0, help="give up after this many seconds (0: never)")
     args = parser.parse_args(argv)
     try:
         port = common.resolve_port(args.port)
         state_dir = common.resolve_state_dir(args.state_dir)
         if args.command == "watch":
-            return watch(args.name, port, state_dir, args.timeout)
+            return watch(args.target, port, state_dir, args.timeout)
     except (StateError, BrokerUnavailable) as exc:
         print(f"ctl: {exc}", file=sys.stderr)
         return 2

@@ -1,8 +1,11 @@
-"""Storage and rules: every rule of a room, each operation one SQLite transaction (WAL, synchronous=FULL).
+"""Storage and rules: every rule of every room, each operation one SQLite transaction (WAL, synchronous=FULL).
 
+A room is one project's team: its peers, messages, task graph, locks, memory, seat and pause/stop
+state. Every query below names its room; nothing of one room is reachable from another.
 Nothing here knows about HTTP; routes in api.py call these methods with validated arguments.
 """
 import contextlib
+import itertools
 import json
 import os
 import sqlite3
@@ -10,51 +13,163 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from ctl.config import EVENTS_KEPT, LIMITS, TASK_STATUSES, Settings
+from ctl.config import EVENTS_KEPT, GONE_PEER_DAYS, LIMITS, TASK_STATUSES, Settings
+from ctl.common import StateError
 from ctl.errors import ApiError
 from ctl.names import RESERVED_SKELETONS, name_skeleton
 
-
+SCHEMA_VERSION = 2
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS peers(
-  id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, role TEXT NOT NULL, generation INTEGER NOT NULL,
-  status TEXT NOT NULL, summary TEXT NOT NULL DEFAULT '', root TEXT, joined_at REAL NOT NULL,
-  last_seen REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS messages(
-  id INTEGER PRIMARY KEY, sender TEXT NOT NULL, sender_role TEXT NOT NULL, origin TEXT NOT NULL,
-  recipient TEXT NOT NULL, category TEXT NOT NULL, content TEXT NOT NULL, created_at REAL NOT NULL,
-  flagged INTEGER NOT NULL DEFAULT 0);
-CREATE TABLE IF NOT EXISTS deliveries(
-  id INTEGER PRIMARY KEY, peer_id INTEGER NOT NULL, message_id INTEGER NOT NULL,
-  acked INTEGER NOT NULL DEFAULT 0);
-CREATE INDEX IF NOT EXISTS deliveries_unread ON deliveries(peer_id, id) WHERE acked = 0;
-CREATE INDEX IF NOT EXISTS deliveries_message ON deliveries(message_id);
-CREATE TABLE IF NOT EXISTS tasks(
-  id INTEGER PRIMARY KEY, title TEXT NOT NULL, description TEXT NOT NULL, status TEXT NOT NULL,
-  created_by TEXT NOT NULL, created_at REAL NOT NULL, assignee_id INTEGER, claimed_at REAL,
-  done_by TEXT, done_at REAL, summary TEXT, files TEXT);
-CREATE INDEX IF NOT EXISTS tasks_status ON tasks(status, id);
-CREATE INDEX IF NOT EXISTS tasks_assignee ON tasks(assignee_id) WHERE assignee_id IS NOT NULL;
-CREATE TABLE IF NOT EXISTS task_deps(
-  task_id INTEGER NOT NULL, depends_on INTEGER NOT NULL, PRIMARY KEY(task_id, depends_on));
-CREATE INDEX IF NOT EXISTS task_deps_reverse ON task_deps(depends_on);
-CREATE TABLE IF NOT EXISTS locks(
-  path TEXT PRIMARY KEY, display TEXT NOT NULL, holder_id INTEGER NOT NULL, reason TEXT NOT NULL,
-  acquired_at REAL NOT NULL);
-CREATE INDEX IF NOT EXISTS locks_holder ON locks(holder_id);
-CREATE TABLE IF NOT EXISTS memory(
-  key TEXT PRIMARY KEY, value TEXT NOT NULL, updated_by TEXT NOT NULL, updated_at REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS events(
-  id INTEGER PRIMARY KEY, at REAL NOT NULL, kind TEXT NOT NULL, actor TEXT NOT NULL, detail TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS room(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE rooms(
+  id INTEGER PRIMARY KEY, key TEXT NOT NULL, name TEXT NOT NULL, root TEXT,
+  state TEXT NOT NULL DEFAULT 'running', seat TEXT, created_at REAL NOT NULL, archived_at REAL);
+CREATE UNIQUE INDEX rooms_open_key ON rooms(key) WHERE archived_at IS NULL;
+CREATE UNIQUE INDEX rooms_open_name ON rooms(name) WHERE archived_at IS NULL;
+CREATE TABLE peers(
+  id INTEGER PRIMARY KEY, room_id INTEGER NOT NULL, name TEXT NOT NULL, role TEXT NOT NULL,
+  generation INTEGER NOT NULL, status TEXT NOT NULL, summary TEXT NOT NULL DEFAULT '', root TEXT,
+  joined_at REAL NOT NULL, last_seen REAL NOT NULL, last_read REAL, reach TEXT NOT NULL DEFAULT 'tool',
+  UNIQUE(room_id, name));
+CREATE TABLE messages(
+  id INTEGER PRIMARY KEY, room_id INTEGER NOT NULL, sender TEXT NOT NULL, sender_role TEXT NOT NULL,
+  origin TEXT NOT NULL, recipient TEXT NOT NULL, category TEXT NOT NULL, content TEXT NOT NULL,
+  created_at REAL NOT NULL, flag TEXT);
+CREATE INDEX messages_room ON messages(room_id, id);
+CREATE TABLE deliveries(
+  id INTEGER PRIMARY KEY, peer_id INTEGER NOT NULL, message_id INTEGER NOT NULL, acked_at REAL);
+CREATE INDEX deliveries_unread ON deliveries(peer_id, id) WHERE acked_at IS NULL;
+CREATE INDEX deliveries_message ON deliveries(message_id);
+CREATE TABLE tasks(
+  room_id INTEGER NOT NULL, id INTEGER NOT NULL, title TEXT NOT NULL, description TEXT NOT NULL,
+  status TEXT NOT NULL, created_by TEXT NOT NULL, created_at REAL NOT NULL, assignee_id INTEGER,
+  claimed_at REAL, done_by TEXT, done_at REAL, summary TEXT, files TEXT, history TEXT NOT NULL DEFAULT '[]',
+  PRIMARY KEY(room_id, id));
+CREATE INDEX tasks_status ON tasks(room_id, status, id);
+CREATE INDEX tasks_assignee ON tasks(assignee_id) WHERE assignee_id IS NOT NULL;
+CREATE TABLE task_deps(
+  room_id INTEGER NOT NULL, task_id INTEGER NOT NULL, depends_on INTEGER NOT NULL,
+  PRIMARY KEY(room_id, task_id, depends_on));
+CREATE INDEX task_deps_reverse ON task_deps(room_id, depends_on);
+CREATE TABLE locks(
+  room_id INTEGER NOT NULL, path TEXT NOT NULL, display TEXT NOT NULL, holder_id INTEGER NOT NULL,
+  reason TEXT NOT NULL, acquired_at REAL NOT NULL, PRIMARY KEY(room_id, path));
+CREATE INDEX locks_holder ON locks(holder_id);
+CREATE TABLE memory(
+  room_id INTEGER NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL, updated_by TEXT NOT NULL,
+  updated_at REAL NOT NULL, PRIMARY KEY(room_id, key));
+CREATE TABLE events(
+  id INTEGER PRIMARY KEY, room_id INTEGER, at REAL NOT NULL, kind TEXT NOT NULL, actor TEXT NOT NULL,
+  detail TEXT NOT NULL, count INTEGER NOT NULL DEFAULT 1);
+CREATE INDEX events_room ON events(room_id, id);
 """
+SEAT_REVOKED = ""       # rooms.seat: NULL never had an architect, "" revoked by the operator, else the holder's name
+
+
+# ---------------------------------------------------------------- opening, versions, migrations
+
+
+def _migrate_v1(db) -> None:
+    """v1 held one machine-wide room: it becomes one room, named after the project its peers used."""
+    roots = db.execute("SELECT root, COUNT(*) AS n FROM peers WHERE root IS NOT NULL GROUP BY root "
+                       "ORDER BY n DESC, root").fetchall()
+    root = roots[0][0] if roots else None
+    name = room_name_for(root) if root else "default"
+    state_row = db.execute("SELECT value FROM room WHERE key='state'").fetchone()
+    seat = db.execute("SELECT name FROM peers WHERE role='architect' ORDER BY last_seen DESC").fetchone()
+    for table in ("peers", "messages", "deliveries", "tasks", "task_deps", "locks", "memory", "events", "room"):
+        db.execute(f"ALTER TABLE {table} RENAME TO v1_{table}")
+    for index in [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='index' AND sql IS NOT NULL")]:
+        db.execute(f"DROP INDEX {index}")
+    db.executescript_statements(SCHEMA)
+    db.execute("INSERT INTO rooms(id, key, name, root, state, seat, created_at) VALUES(1,?,?,?,?,?,?)",
+               (f"root:{root}" if root else "name:default", name, root,
+                state_row[0] if state_row else "running", seat[0] if seat else None, time.time()))
+    db.execute("INSERT INTO peers SELECT id, 1, name, role, generation, status, summary, root, joined_at, "
+               "last_seen, NULL, 'tool' FROM v1_peers")
+    db.execute("INSERT INTO messages SELECT id, 1, sender, sender_role, origin, recipient, category, content, "
+               "created_at, NULL FROM v1_messages")
+    db.execute("INSERT INTO deliveries SELECT d.id, d.peer_id, d.message_id, "
+               "CASE WHEN d.acked THEN m.created_at END FROM v1_deliveries d "
+               "LEFT JOIN v1_messages m ON m.id = d.message_id")
+    db.execute("INSERT INTO tasks SELECT 1, id, title, description, status, created_by, created_at, assignee_id, "
+               "claimed_at, done_by, done_at, summary, files, '[]' FROM v1_tasks")
+    db.execute("INSERT INTO task_deps SELECT 1, task_id, depends_on FROM v1_task_deps")
+    db.execute("INSERT INTO locks SELECT 1, path, display, holder_id, reason, acquired_at FROM v1_locks")
+    db.execute("INSERT INTO memory SELECT 1, key, value, updated_by, updated_at FROM v1_memory")
+    db.execute("INSERT INTO events SELECT id, 1, at, kind, actor, detail, 1 FROM v1_events")
+    for table in ("peers", "messages", "deliveries", "tasks", "task_deps", "locks", "memory", "events", "room"):
+        db.execute(f"DROP TABLE v1_{table}")
+
+
+MIGRATIONS = {1: _migrate_v1}     # from version N to N+1; a v1 database has user_version 0 and a `room` table
+
+
+class _Script:
+    """sqlite3's executescript commits first; migrations must stay inside their one transaction."""
+
+    def __init__(self, db):
+        self.db = db
+
+    def execute(self, *args):
+        return self.db.execute(*args)
+
+    def executescript_statements(self, script: str) -> None:
+        for statement in script.split(";"):
+            if statement.strip():
+                self.db.execute(statement)
+
+
+def open_database(path: str) -> sqlite3.Connection:
+    """Open, create or migrate the database; refuse one from a newer version of the code."""
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    db.row_factory = sqlite3.Row
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.execute("PRAGMA journal_size_limit=8388608")     # the WAL shrinks back to 8 MiB after a checkpoint
+    db.execute("PRAGMA busy_timeout=20")                # another process's write lock costs us 20 ms, not 5 s
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    if version == 0 and "room" in tables:
+        version = 1
+    if version > SCHEMA_VERSION:
+        db.close()
+        raise StateError(f"{path} has schema version {version}, newer than this broker knows ({SCHEMA_VERSION}); "
+                         "run a newer Control Tower Lite, or use another --state-dir")
+    if version == SCHEMA_VERSION:
+        return db
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        script = _Script(db)
+        if version == 0:
+            script.executescript_statements(SCHEMA)
+        else:
+            for step in range(version, SCHEMA_VERSION):
+                MIGRATIONS[step](script)
+        db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        db.close()
+        raise
+    return db
+
+
+def room_name_for(root: str) -> str:
+    base = "".join(c if c.isalnum() or c in "._-" else "-" for c in os.path.basename(root.rstrip("/")))
+    base = base.lstrip("._-")[:56]
+    return base or "project"
+
+
+# ---------------------------------------------------------------- who is asking
 
 
 @dataclass
 class Actor:
-    """Who is asking, as proven by the token: never as claimed by the body."""
-    kind: str                 # peer | operator | observer | watch | public
+    """Who is asking, as proven by the token, and in which room: never as claimed by the body."""
+    kind: str                 # peer | operator | observer | watch | join | public
     peer: sqlite3.Row = None
+    room_id: int = None       # a peer's own room; the room an operator or observer named
+    token_expires: float = 0  # when the presented session token expires
 
     @property
     def name(self) -> str:
@@ -66,29 +181,28 @@ class Actor:
 
 
 class RateLimiter:
-    """A sliding one-minute window per peer, in memory: a restart forgives, which is fine for a brake."""
+    """A sliding one-minute window per key, in memory: a restart forgives, which is fine for a brake."""
 
-    def __init__(self, per_minute: int):
-        self.per_minute = per_minute
+    def __init__(self, per_minute: int, unit: str = "messages"):
+        self.per_minute, self.unit = per_minute, unit
         self.sent = {}
 
-    def check(self, peer_id: int, cost: int, now: float) -> None:
-        window = self.sent.setdefault(peer_id, deque())
+    def check(self, key, cost: int, now: float) -> None:
+        window = self.sent.setdefault(key, deque())
         while window and window[0] <= now - 60:
             window.popleft()
-        if len(window) + cost > self.per_minute:
-            if cost > self.per_minute:
-                raise ApiError(429, "rate_limited",
-                               f"this send needs {cost} of your {self.per_minute} messages per minute; "
-                               "send to fewer peers", retry_after=60)
-            oldest_needed = window[len(window) + cost - self.per_minute - 1]
-            wait = max(1, int(oldest_needed + 60 - now + 0.999))
-            raise ApiError(429, "rate_limited",
-                           f"rate limit of {self.per_minute} messages per minute reached; "
-                           f"wait {wait}s, or batch your news into one message", retry_after=wait)
+        if len(window) + cost <= self.per_minute:
+            return
+        if cost > self.per_minute:
+            raise ApiError(429, "rate_limited", f"this needs {cost} of the {self.per_minute} {self.unit} allowed "
+                                                "per minute; send to fewer peers", retry_after=60)
+        oldest_needed = window[len(window) + cost - self.per_minute - 1]
+        wait = max(1, int(oldest_needed + 60 - now + 0.999))
+        raise ApiError(429, "rate_limited", f"limit of {self.per_minute} {self.unit} per minute reached; "
+                                            f"wait {wait}s", retry_after=wait)
 
-    def spend(self, peer_id: int, cost: int, now: float) -> None:
-        self.sent.setdefault(peer_id, deque()).extend([now] * cost)
+    def spend(self, key, cost: int, now: float) -> None:
+        self.sent.setdefault(key, deque()).extend([now] * cost)
 
 
 def resolve_lock_path(root: str, path: str) -> str:
@@ -99,32 +213,44 @@ def resolve_lock_path(root: str, path: str) -> str:
     real = os.path.realpath(candidate)
     real_root = os.path.realpath(root)
     if real == real_root or not real.startswith(real_root.rstrip(os.sep) + os.sep):
-        raise ApiError(400, "path_outside_root",
-                       f"path must name a file inside your project root {real_root}")
+        raise ApiError(400, "path_outside_root", f"path must name a file inside your project root {real_root}")
+    if os.path.isdir(real):
+        raise ApiError(400, "path_is_directory", "that path is a directory; lock each file you will edit")
     return real
 
 
+def _stopped():
+    return ApiError(423, "room_stopped", "the human stopped the room; stop working and wait for the human")
+
+
 class Store:
-    """Every rule of the room, each operation one `BEGIN IMMEDIATE` transaction on a WAL database."""
+    """Every rule of every room. Operations run in `tx()`: a transaction of their own, or a savepoint
+    inside the event loop's batch, so one request's failure rolls back only itself."""
 
     def __init__(self, db_path: str, settings: Settings):
         self.settings = settings
-        self.db = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
-        self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.execute("PRAGMA busy_timeout=5000")
-        self.db.execute("PRAGMA foreign_keys=ON")
-        self.db.executescript(SCHEMA)
-        row = self.db.execute("SELECT value FROM room WHERE key='state'").fetchone()
-        self.room = row["value"] if row else "running"     # cached: read on every request, written rarely
+        self.db = open_database(db_path)
+        self.room_states = {r["id"]: r["state"] for r in self.db.execute("SELECT id, state FROM rooms")}
         self.limiter = RateLimiter(settings.rate_limit)
+        self.join_limiter = RateLimiter(LIMITS["joins_per_minute"], "joins")
         self.version = int(time.time() * 1000)   # bumps on every change the dashboard draws
         self.woken = set()                      # peer ids whose waiting reads should be retried
         self.wake_everyone = False
+        self._savepoints = itertools.count()
 
     @contextlib.contextmanager
     def tx(self):
+        if self.db.in_transaction:
+            name = f"sp{next(self._savepoints)}"
+            self.db.execute(f"SAVEPOINT {name}")
+            try:
+                yield self.db
+            except BaseException:
+                self.db.execute(f"ROLLBACK TO {name}")
+                self.db.execute(f"RELEASE {name}")
+                raise
+            self.db.execute(f"RELEASE {name}")
+            return
         self.db.execute("BEGIN IMMEDIATE")
         try:
             yield self.db
@@ -133,22 +259,96 @@ class Store:
             raise
         self.db.execute("COMMIT")
 
+    def begin_batch(self) -> bool:
+        """Open the loop's group-commit transaction; False (run each request on its own) if another process
+        holds the write lock, so reads still answer and writes fail fast with 503."""
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+            return True
+        except sqlite3.OperationalError:
+            return False
+
+    def commit_batch(self) -> bool:
+        try:
+            self.db.execute("COMMIT")
+            return True
+        except sqlite3.Error:
+            with contextlib.suppress(sqlite3.Error):
+                self.db.execute("ROLLBACK")
+            self.room_states = {r["id"]: r["state"] for r in self.db.execute("SELECT id, state FROM rooms")}
+            return False
+
     def close(self) -> None:
         self.db.close()
 
     def _changed(self) -> None:
         self.version += 1
 
-    # -- room, peers and leases
+    # -- rooms
 
-    def room_state(self) -> str:
-        return self.room
+    def room_state(self, room_id: int) -> str:
+        return self.room_states.get(room_id, "running")
+
+    def room(self, room_id: int):
+        row = self.db.execute("SELECT * FROM rooms WHERE id=?", (room_id,)).fetchone()
+        if row is None:
+            raise ApiError(404, "unknown_room", f"no room {room_id}; GET /rooms lists them")
+        return row
+
+    def _open_room(self, room_id: int):
+        row = self.room(room_id)
+        if row["archived_at"] is not None:
+            raise ApiError(409, "room_archived", f"room {row['name']} is archived: its history is read-only")
+        return row
+
+    def _room_for_join(self, key: str, name: str, root, now: float):
+        row = self.db.execute("SELECT * FROM rooms WHERE key=? AND archived_at IS NULL", (key,)).fetchone()
+        if row is not None:
+            return row
+        taken = {r[0] for r in self.db.execute("SELECT name FROM rooms WHERE archived_at IS NULL")}
+        unique = name
+        for n in itertools.count(2):
+            if unique not in taken:
+                break
+            unique = f"{name[:60]}-{n}"
+        room_id = self.db.execute("INSERT INTO rooms(key, name, root, created_at) VALUES(?,?,?,?)",
+                                  (key, unique, root, now)).lastrowid
+        self.room_states[room_id] = "running"
+        self._event(room_id, now, "room_opened", "broker", root or unique)
+        return self.room(room_id)
+
+    def list_rooms(self, now: float) -> list:
+        cutoff = self._alive_cutoff(now)
+        rows = self.db.execute(
+            "SELECT r.*, (SELECT COUNT(*) FROM peers p WHERE p.room_id=r.id AND p.status='active' AND p.last_seen>=?) "
+            "AS alive, (SELECT COUNT(*) FROM tasks t WHERE t.room_id=r.id) AS tasks, "
+            "(SELECT COUNT(*) FROM tasks t WHERE t.room_id=r.id AND t.status='done') AS done "
+            "FROM rooms r ORDER BY r.archived_at IS NOT NULL, r.id DESC", (cutoff,)).fetchall()
+        return [{"id": r["id"], "name": r["name"], "root": r["root"], "state": r["state"],
+                 "archived": r["archived_at"] is not None, "peers_alive": r["alive"], "tasks_done": r["done"],
+                 "tasks_total": r["tasks"], "blockers_waiting": self._open_blockers(r["id"]),
+                 "created_at": round(r["created_at"], 3),
+                 "archived_at": round(r["archived_at"], 3) if r["archived_at"] else None} for r in rows]
+
+    def archive_room(self, room_id: int, now: float) -> dict:
+        """The team is done: the room becomes read-only history and the project's next join opens a fresh one."""
+        with self.tx():
+            room = self._open_room(room_id)
+            for peer in self.db.execute("SELECT id FROM peers WHERE room_id=? AND status='active'", (room_id,)):
+                self._release_peer(peer["id"], "closed", now, "room archived")
+            self.db.execute("UPDATE rooms SET archived_at=? WHERE id=?", (now, room_id))
+            self._event(room_id, now, "room_archived", "operator", room["name"])
+            self._changed()
+        self.wake_everyone = True
+        return {"archived": room["name"], "room": room_id}
+
+    # -- peers and leases
 
     def peer_by_id(self, peer_id: int):
         return self.db.execute("SELECT * FROM peers WHERE id=?", (peer_id,)).fetchone()
 
-    def peer_by_name(self, name: str):
-        return self.db.execute("SELECT * FROM peers WHERE name=?", (name,)).fetchone()
+    def _peer_by_name(self, room_id: int, name: str):
+        return self.db.execute("SELECT * FROM peers WHERE room_id=? AND name=?", (room_id, name)).fetchone()
 
     def _alive_cutoff(self, now: float) -> float:
         return now - self.settings.lease_seconds
@@ -156,28 +356,42 @@ class Store:
     def _is_alive(self, peer, now: float) -> bool:
         return peer["status"] == "active" and peer["last_seen"] >= self._alive_cutoff(now)
 
-    def _architect(self, now: float):
-        row = self.db.execute("SELECT * FROM peers WHERE role='architect' AND status='active'").fetchone()
+    def _architect(self, room_id: int, now: float):
+        row = self.db.execute("SELECT * FROM peers WHERE room_id=? AND role='architect' AND status='active'",
+                              (room_id,)).fetchone()
         return row if row is not None and self._is_alive(row, now) else None
 
-    def _release_peer(self, peer_id: int, status: str) -> None:
-        """A peer left, died or was kicked: its claims go back to ready and its locks are freed."""
+    def _release_peer(self, peer_id: int, status: str, now: float, why: str) -> None:
+        """A peer left, died, was kicked or its room closed: claims back to ready (with history), locks freed."""
+        peer = self.peer_by_id(peer_id)
         self.db.execute("UPDATE peers SET status=? WHERE id=?", (status, peer_id))
-        self.db.execute("UPDATE tasks SET status='ready', assignee_id=NULL, claimed_at=NULL "
-                        "WHERE assignee_id=? AND status='claimed'", (peer_id,))
+        for task in self.db.execute("SELECT * FROM tasks WHERE assignee_id=? AND status='claimed'", (peer_id,)).fetchall():
+            self._return_to_ready(task, peer, now, why)
         self.db.execute("DELETE FROM locks WHERE holder_id=?", (peer_id,))
         self._changed()
 
+    def _return_to_ready(self, task, holder, now: float, why: str) -> None:
+        """The next claimer learns who held it, for how long, and what they last said they were doing."""
+        history = json.loads(task["history"])
+        history.append({"holder": holder["name"] if holder else None, "why": why,
+                        "held_seconds": round(now - (task["claimed_at"] or now)),
+                        "last_status": holder["summary"] if holder else ""})
+        self.db.execute("UPDATE tasks SET status='ready', assignee_id=NULL, claimed_at=NULL, history=? "
+                        "WHERE room_id=? AND id=?", (json.dumps(history[-5:]), task["room_id"], task["id"]))
+
     def _reap(self, now: float) -> list:
-        dead = self.db.execute("SELECT id, name FROM peers WHERE status='active' AND last_seen < ?",
+        dead = self.db.execute("SELECT id, name, room_id FROM peers WHERE status='active' AND last_seen < ?",
                                (self._alive_cutoff(now),)).fetchall()
         for row in dead:
-            self._release_peer(row["id"], "dead")
-            self._event(now, "peer_dead", row["name"], "lease expired; claims and locks released")
+            self._release_peer(row["id"], "dead", now, "its session went silent")
+            self._event(row["room_id"], now, "peer_dead", row["name"], "lease expired; claims and locks released")
         return dead
 
     def reap(self, now: float) -> list:
         """Run by the loop's tick and inside every lease-sensitive operation, so no thread has to survive."""
+        if not self.db.execute("SELECT 1 FROM peers WHERE status='active' AND last_seen < ? LIMIT 1",
+                               (self._alive_cutoff(now),)).fetchone():
+            return []
         with self.tx():
             return self._reap(now)
 
@@ -187,62 +401,94 @@ class Store:
         if peer["status"] != "active":
             self._changed()
 
-    def join(self, name: str, role, summary: str, root, resumed_peer_id, now: float):
-        """Without a role, a resumed session keeps the one it holds (an operator's change sticks)."""
+    def join(self, name: str, role, summary: str, root, room_key: str, room_name: str, resumed_peer_id, now: float):
+        """Join (or rejoin) the room `room_key` names. Without a role, a resumed session keeps the one it holds."""
         with self.tx():
             self._reap(now)
-            row = self.peer_by_name(name)
+            room = self._room_for_join(room_key, room_name, root, now)
+            room_id = room["id"]
+            row = self._peer_by_name(room_id, name)
             resumed = row is not None and resumed_peer_id == row["id"]
             if row is not None and row["status"] == "kicked":
-                raise ApiError(403, "kicked", f"the operator removed {name!r}; ask the human before rejoining")
+                raise ApiError(403, "kicked", f"the operator removed {name} from this room; ask the human before rejoining")
+            if row is None and self.room_state(room_id) == "stopped":
+                raise _stopped()
             if row is not None and self._is_alive(row, now) and not resumed:
-                raise ApiError(409, "name_taken",
-                               f"{name!r} is in use by a live session; pick another name")
+                raise ApiError(409, "name_taken", f"{name} is in use by a live session; "
+                                                  "choose another name with join(name=...) or CTL_NAME")
             skeleton = name_skeleton(name)
             if skeleton in RESERVED_SKELETONS:
-                raise ApiError(400, "reserved_name", f"{name!r} is reserved; pick another name")
-            for other in self.db.execute("SELECT * FROM peers WHERE name != ? AND status='active'", (name,)):
-                if self._is_alive(other, now) and name_skeleton(other["name"]) == skeleton:
-                    raise ApiError(409, "lookalike_name",
-                                   f"{name!r} looks like the live peer {other['name']!r}; pick a distinct name")
-            role = role or (row["role"] if resumed else "worker")
-            if role == "architect":
-                seat = self._architect(now)
-                if seat is not None and seat["name"] != name:
-                    raise ApiError(409, "architect_seat_taken",
-                                   f"{seat['name']} holds the architect seat; join as a worker, "
-                                   "or ask the human to hand the seat over")
-                self.db.execute("UPDATE peers SET role='worker', generation=generation+1 "
-                                "WHERE role='architect' AND name != ?", (name,))
+                raise ApiError(400, "reserved_name", f"{name} is reserved; choose another name with join(name=...) "
+                                                     "or CTL_NAME")
+            for other in self.db.execute("SELECT name FROM peers WHERE room_id=? AND name != ? AND status != 'left'",
+                                         (room_id, name)):
+                if name_skeleton(other["name"]) == skeleton:
+                    raise ApiError(409, "lookalike_name", f"{name} looks like the peer {other['name']} of this room; "
+                                                          "choose a distinct name with join(name=...) or CTL_NAME")
             if row is None:
-                cursor = self.db.execute(
-                    "INSERT INTO peers(name, role, generation, status, summary, root, joined_at, last_seen) "
-                    "VALUES(?,?,1,'active',?,?,?,?)", (name, role, summary, root, now, now))
-                peer_id = cursor.lastrowid
+                live = self.db.execute("SELECT COUNT(*) FROM peers WHERE room_id=? AND status='active' AND last_seen>=?",
+                                       (room_id, self._alive_cutoff(now))).fetchone()[0]
+                if live >= LIMITS["live_peers"]:
+                    raise ApiError(507, "room_full", f"the room already has {live} live sessions, the most it takes")
+                self.join_limiter.check(room_id, 1, now)
+                self.join_limiter.spend(room_id, 1, now)
+            role = self._seat_role(room, name, role or (row["role"] if resumed else None) or "worker", now)
+            if row is None:
+                peer_id = self.db.execute(
+                    "INSERT INTO peers(room_id, name, role, generation, status, summary, root, joined_at, last_seen) "
+                    "VALUES(?,?,?,1,'active',?,?,?,?)", (room_id, name, role, summary, root, now, now)).lastrowid
             else:
                 peer_id = row["id"]
                 self.db.execute("UPDATE peers SET role=?, generation=generation+1, status='active', summary=?, "
                                 "root=COALESCE(?, root), joined_at=?, last_seen=? WHERE id=?",
                                 (role, summary, root, now, now, peer_id))
-            self._event(now, "joined", name, f"as {role}" + (" (resumed)" if resumed else ""))
+            self._event(room_id, now, "joined", name, f"as {role}" + (" (resumed)" if resumed else ""))
             self._changed()
             return self.peer_by_id(peer_id)
 
+    def _seat_role(self, room, name: str, role: str, now: float) -> str:
+        """The seat is free only in a room that never had an architect; after that it stays with its holder's
+        name (alive or not) until the operator hands it over or revokes it, and a revocation sticks."""
+        if role != "architect":
+            return role
+        seat = room["seat"]
+        if seat == name:
+            return role
+        if seat is None:
+            self.db.execute("UPDATE rooms SET seat=? WHERE id=?", (name, room["id"]))
+            return role
+        holder = f"{seat} holds the architect seat" if seat else "the human revoked the architect seat"
+        raise ApiError(409, "architect_seat_taken",
+                       f"{holder}; join as a worker, or ask the human to hand the seat to you")
+
     def leave(self, peer, now: float) -> None:
         with self.tx():
-            self._release_peer(peer["id"], "left")
-            self._event(now, "left", peer["name"], "claims and locks released")
+            self._release_peer(peer["id"], "left", now, "its session left")
+            self._event(peer["room_id"], now, "left", peer["name"], "claims and locks released")
 
-    def heartbeat(self, peer, summary, now: float) -> dict:
+    def heartbeat(self, peer, summary, reach, now: float) -> dict:
         with self.tx():
             self._reap(now)
             self._touch(peer, now)
             if summary is not None:
                 self.db.execute("UPDATE peers SET summary=? WHERE id=?", (summary, peer["id"]))
                 self._changed()
-            unread = self.db.execute("SELECT COUNT(*) FROM deliveries WHERE peer_id=? AND acked=0",
-                                     (peer["id"],)).fetchone()[0]
-        return {"room": self.room_state(), "unread": unread, "lease_seconds": self.settings.lease_seconds}
+            if reach is not None and reach != peer["reach"]:
+                self.db.execute("UPDATE peers SET reach=? WHERE id=?", (reach, peer["id"]))
+                self._changed()
+        return {"room": self.room_state(peer["room_id"]), "lease_seconds": self.settings.lease_seconds,
+                **self.unread_summary(peer["id"])}
+
+    def unread_summary(self, peer_id: int) -> dict:
+        """How many messages wait, and from whom the latest: the one-line notice every tool result carries."""
+        row = self.db.execute(
+            "SELECT COUNT(*) AS n, MAX(d.id) AS latest FROM deliveries d WHERE d.peer_id=? AND d.acked_at IS NULL",
+            (peer_id,)).fetchone()
+        if not row["n"]:
+            return {"unread": 0}
+        latest = self.db.execute("SELECT m.sender, m.category FROM deliveries d JOIN messages m ON m.id=d.message_id "
+                                 "WHERE d.id=?", (row["latest"],)).fetchone()
+        return {"unread": row["n"], "latest_from": latest["sender"], "latest_category": latest["category"]}
 
     def peer_view(self, peer, now: float) -> dict:
         age = now - peer["last_seen"]
@@ -255,36 +501,27 @@ class Store:
         else:
             state = "alive"
         return {"name": peer["name"], "role": peer["role"], "state": state, "summary": peer["summary"],
-                "last_seen": round(peer["last_seen"], 3)}
+                "last_seen": round(peer["last_seen"], 3), "reach": peer["reach"],
+                "last_read": round(peer["last_read"], 3) if peer["last_read"] else None}
 
-    def list_peers(self, now: float, include_gone: bool = False) -> list:
-        rows = self.db.execute("SELECT * FROM peers ORDER BY id").fetchall()
-        views = [self.peer_view(r, now) for r in rows]
-        return views if include_gone else [v for v in views if v["state"] in ("alive", "stale")]
+    def list_peers(self, room_id: int, now: float) -> list:
+        rows = self.db.execute("SELECT * FROM peers WHERE room_id=? AND status='active' AND last_seen>=? ORDER BY id",
+                               (room_id, self._alive_cutoff(now))).fetchall()
+        return [self.peer_view(r, now) for r in rows]
 
     # -- messages
 
-    def send(self, actor: Actor, to: str, content: str, category: str, now: float) -> dict:
+    def send(self, actor: Actor, to: str, content: str, category: str, flag, now: float) -> dict:
+        room_id = actor.room_id
         with self.tx():
             self._reap(now)
-            state = self.room_state()
-            if state == "stopped" and actor.kind != "operator":
-                raise ApiError(423, "room_stopped", "the operator stopped the room; stop working and wait for the human")
+            self._open_room(room_id)
+            state = self.room_state(room_id)
             sender_id = actor.peer["id"] if actor.peer is not None else None
             if sender_id is not None:
                 self._touch(actor.peer, now)
-            if to == "*":
-                recipients = [r for r in self.db.execute("SELECT * FROM peers WHERE status='active' ORDER BY id")
-                              if r["id"] != sender_id and self._is_alive(r, now)]
-            else:
-                target = self.peer_by_name(to)
-                if target is None or target["status"] == "kicked":
-                    live = ", ".join(p["name"] for p in self.list_peers(now)) or "nobody"
-                    raise ApiError(404, "unknown_peer", f"no peer named {to!r}; in the room: {live}")
-                if target["id"] == sender_id:
-                    raise ApiError(400, "self_message", "you cannot message yourself")
-                recipients = [target]
-            architect = self._architect(now)
+            recipients = self._recipients(room_id, to, sender_id, now)
+            architect = self._architect(room_id, now)
             if category == "blocker" and architect is not None and architect["id"] != sender_id \
                     and all(r["id"] != architect["id"] for r in recipients):
                 recipients.append(architect)
@@ -292,13 +529,14 @@ class Store:
             if actor.kind == "peer":
                 self.limiter.check(sender_id, cost, now)
             origin = "operator" if actor.kind == "operator" else "agent"
-            cursor = self.db.execute(
-                "INSERT INTO messages(sender, sender_role, origin, recipient, category, content, created_at, flagged) "
-                "VALUES(?,?,?,?,?,?,?,?)",
-                (actor.name, actor.role, origin, to, category, content, now, int(category == "blocker")))
-            message_id = cursor.lastrowid
+            message_id = self.db.execute(
+                "INSERT INTO messages(room_id, sender, sender_role, origin, recipient, category, content, created_at, "
+                "flag) VALUES(?,?,?,?,?,?,?,?,?)",
+                (room_id, actor.name, actor.role, origin, to, category, content, now, flag)).lastrowid
             self.db.executemany("INSERT INTO deliveries(peer_id, message_id) VALUES(?,?)",
                                 [(r["id"], message_id) for r in recipients])
+            if flag:
+                self._event(room_id, now, "content_flagged", actor.name, f"message #{message_id} (rule {flag})")
             if actor.kind == "peer":
                 self.limiter.spend(sender_id, cost, now)
             self.woken.update(r["id"] for r in recipients)
@@ -306,16 +544,44 @@ class Store:
         if state == "paused" and origin == "agent":
             result["held"] = "the room is paused; delivery resumes when the human resumes it"
         if category == "blocker":
-            result["flagged"] = "shown to the human" + ("" if architect else "; no architect is in the room")
+            result["blocker"] = "shown to the human" + ("" if architect else "; no architect is in the room")
+        if flag:
+            result["flagged"] = flag
         return result
 
-    def inbox(self, peer_id: int, limit: int) -> dict:
-        """Unread messages, oldest first; they stay unread until acknowledged, so a crash loses none."""
-        state = self.room_state()
+    def _recipients(self, room_id: int, to: str, sender_id, now: float) -> list:
+        """`*` is every live peer of this room; `architect` whoever holds its seat; else a peer by name."""
+        if to == "*":
+            return [r for r in self.db.execute("SELECT * FROM peers WHERE room_id=? AND status='active' ORDER BY id",
+                                                (room_id,)) if r["id"] != sender_id and self._is_alive(r, now)]
+        if to == "architect":
+            target = self.db.execute("SELECT * FROM peers WHERE room_id=? AND role='architect' AND status='active'",
+                                     (room_id,)).fetchone()
+            if target is None:
+                raise ApiError(404, "no_architect", "nobody holds the architect seat of this room; "
+                                                    "send to a peer by name or to \"*\"")
+        else:
+            target = self._peer_by_name(room_id, to)
+            if target is None or target["status"] in ("kicked", "closed"):
+                live = ", ".join(p["name"] for p in self.list_peers(room_id, now)) or "nobody"
+                raise ApiError(404, "unknown_peer", f"no peer of that name in this room; in the room: {live}")
+        if target["id"] == sender_id:
+            raise ApiError(400, "self_message", "you cannot message yourself")
+        return [target]
+
+    def inbox(self, peer_id: int, room_id: int, limit: int, ack_through=None, now=None) -> dict:
+        """Unread messages, oldest first; they stay unread until acknowledged, so a crash loses none.
+        `ack_through` acknowledges what an earlier read returned, up to that delivery id, in the same call."""
+        if ack_through is not None:
+            with self.tx():
+                self.db.execute("UPDATE deliveries SET acked_at=? WHERE peer_id=? AND acked_at IS NULL AND id<=?",
+                                (now, peer_id, ack_through))
+                self.db.execute("UPDATE peers SET last_read=? WHERE id=?", (now, peer_id))
+        state = self.room_state(room_id)
         held = "AND m.origin != 'agent'" if state == "paused" else ""
         rows = self.db.execute(
             "SELECT d.id AS delivery_id, m.* FROM deliveries d JOIN messages m ON m.id = d.message_id "
-            f"WHERE d.peer_id=? AND d.acked=0 {held} ORDER BY d.id LIMIT ?", (peer_id, limit)).fetchall()
+            f"WHERE d.peer_id=? AND d.acked_at IS NULL {held} ORDER BY d.id LIMIT ?", (peer_id, limit)).fetchall()
         return {"room": state, "messages": [self._message_view(r, r["delivery_id"]) for r in rows]}
 
     @staticmethod
@@ -325,42 +591,63 @@ class Store:
                 "at": round(row["created_at"], 3)}
         if delivery_id is not None:
             view["delivery_id"] = delivery_id
-        if row["flagged"]:
-            view["flagged"] = True
+        if row["flag"]:
+            view["flagged"] = row["flag"]
         return view
 
-    def ack(self, peer_id: int, delivery_ids: list) -> dict:
+    def ack(self, peer_id: int, delivery_ids: list, now: float) -> dict:
         with self.tx():
             marks = ",".join("?" * len(delivery_ids))
-            cursor = self.db.execute(f"UPDATE deliveries SET acked=1 WHERE peer_id=? AND acked=0 AND id IN ({marks})",
-                                     (peer_id, *delivery_ids))
+            cursor = self.db.execute(f"UPDATE deliveries SET acked_at=? WHERE peer_id=? AND acked_at IS NULL "
+                                     f"AND id IN ({marks})", (now, peer_id, *delivery_ids))
+            self.db.execute("UPDATE peers SET last_read=? WHERE id=?", (now, peer_id))
         return {"acked": cursor.rowcount}
+
+    def receipts(self, peer, limit: int = 5) -> list:
+        """What became of this peer's latest messages: who has read them, who has not yet."""
+        rows = self.db.execute("SELECT id, recipient, created_at FROM messages WHERE room_id=? AND sender=? "
+                               "AND origin='agent' ORDER BY id DESC LIMIT ?",
+                               (peer["room_id"], peer["name"], limit)).fetchall()
+        out = []
+        for row in rows:
+            read, unread = [], []
+            for d in self.db.execute("SELECT p.name, d.acked_at FROM deliveries d JOIN peers p ON p.id=d.peer_id "
+                                     "WHERE d.message_id=? ORDER BY p.name", (row["id"],)):
+                (read if d["acked_at"] else unread).append(d["name"])
+            out.append({"id": row["id"], "to": row["recipient"], "read_by": read, "unread_by": unread})
+        return out
 
     # -- tasks
 
-    def _task(self, task_id: int):
-        row = self.db.execute("SELECT * FROM tasks WHERE id=?", (task_id,)).fetchone()
+    def _task(self, room_id: int, task_id: int):
+        row = self.db.execute("SELECT * FROM tasks WHERE room_id=? AND id=?", (room_id, task_id)).fetchone()
         if row is None:
-            raise ApiError(404, "unknown_task", f"no task {task_id}; call list_tasks to see the ids")
+            raise ApiError(404, "unknown_task", f"no task #{task_id}; call list_tasks to see the ids")
         return row
 
-    def _deps(self, task_id: int) -> list:
-        return [r[0] for r in self.db.execute("SELECT depends_on FROM task_deps WHERE task_id=? ORDER BY depends_on",
-                                              (task_id,))]
+    def _deps(self, room_id: int, task_id: int) -> list:
+        return [r[0] for r in self.db.execute("SELECT depends_on FROM task_deps WHERE room_id=? AND task_id=? "
+                                              "ORDER BY depends_on", (room_id, task_id))]
 
-    def _waiting_on(self, task_id: int) -> list:
+    def _waiting_on(self, room_id: int, task_id: int) -> list:
         return [r[0] for r in self.db.execute(
-            "SELECT d.depends_on FROM task_deps d JOIN tasks t ON t.id = d.depends_on "
-            "WHERE d.task_id=? AND t.status != 'done' ORDER BY d.depends_on", (task_id,))]
+            "SELECT d.depends_on FROM task_deps d JOIN tasks t ON t.room_id = d.room_id AND t.id = d.depends_on "
+            "WHERE d.room_id=? AND d.task_id=? AND t.status != 'done' ORDER BY d.depends_on", (room_id, task_id))]
 
-    def _task_views(self, rows: list) -> list:
+    def _task_views(self, room_id: int, rows: list) -> list:
         """Views of many tasks in two queries, not three per task: the dashboard lists them all."""
-        edges = ("SELECT d.task_id, d.depends_on, t.status FROM task_deps d JOIN tasks t ON t.id = d.depends_on"
-                 + (" WHERE d.task_id = ?" if len(rows) == 1 else "") + " ORDER BY d.depends_on")
+        if not rows:
+            return []
+        ids = [r["id"] for r in rows]
         deps = {}
-        for task_id, dependency, status in self.db.execute(edges, (rows[0]["id"],) if len(rows) == 1 else ()):
-            deps.setdefault(task_id, []).append((dependency, status))
-        names = dict(self.db.execute("SELECT id, name FROM peers").fetchall())
+        for chunk in range(0, len(ids), 500):
+            part = ids[chunk:chunk + 500]
+            for task_id, dependency, status in self.db.execute(
+                    "SELECT d.task_id, d.depends_on, t.status FROM task_deps d JOIN tasks t "
+                    "ON t.room_id = d.room_id AND t.id = d.depends_on WHERE d.room_id=? AND d.task_id IN "
+                    f"({','.join('?' * len(part))}) ORDER BY d.depends_on", (room_id, *part)):
+                deps.setdefault(task_id, []).append((dependency, status))
+        names = dict(self.db.execute("SELECT id, name FROM peers WHERE room_id=?", (room_id,)).fetchall())
         views = []
         for row in rows:
             edges_of = deps.get(row["id"], [])
@@ -374,38 +661,48 @@ class Store:
                 view["assignee"] = names.get(row["assignee_id"])
             if row["status"] == "done":
                 view.update(done_by=row["done_by"], summary=row["summary"], files=json.loads(row["files"] or "[]"))
+            history = json.loads(row["history"])
+            if history and row["status"] != "done":
+                view["previous_holders"] = history
             views.append(view)
         return views
 
-    def _task_view(self, row) -> dict:
-        return self._task_views([row])[0]
+    def _task_view(self, room_id: int, task_id: int) -> dict:
+        return self._task_views(room_id, [self._task(room_id, task_id)])[0]
 
-    def _check_deps_exist(self, depends_on: list) -> None:
+    def _check_deps_exist(self, room_id: int, depends_on: list) -> None:
         if not depends_on:
             return
         marks = ",".join("?" * len(depends_on))
-        found = {r[0] for r in self.db.execute(f"SELECT id FROM tasks WHERE id IN ({marks})", depends_on)}
+        found = {r[0] for r in self.db.execute(f"SELECT id FROM tasks WHERE room_id=? AND id IN ({marks})",
+                                               (room_id, *depends_on))}
         missing = [d for d in depends_on if d not in found]
         if missing:
-            raise ApiError(400, "unknown_dependency", f"depends_on names unknown task ids {missing}")
+            raise ApiError(400, "unknown_dependency",
+                           f"depends_on names unknown tasks {', '.join(f'#{d}' for d in missing)}")
 
-    def _status_from_deps(self, task_id: int) -> str:
-        return "blocked" if self._waiting_on(task_id) else "ready"
+    def _status_from_deps(self, room_id: int, task_id: int) -> str:
+        return "blocked" if self._waiting_on(room_id, task_id) else "ready"
 
     def create_task(self, actor: Actor, title: str, description: str, depends_on: list, now: float) -> dict:
+        room_id = actor.room_id
         with self.tx():
-            if self.db.execute("SELECT COUNT(*) FROM tasks").fetchone()[0] >= LIMITS["tasks"]:
-                raise ApiError(507, "too_many_tasks", f"the room holds at most {LIMITS['tasks']} tasks")
-            self._check_deps_exist(depends_on)
-            task_id = self.db.execute(
-                "INSERT INTO tasks(title, description, status, created_by, created_at) VALUES(?,?,'blocked',?,?)",
-                (title, description, actor.name, now)).lastrowid
-            self.db.executemany("INSERT INTO task_deps VALUES(?,?)", [(task_id, d) for d in depends_on])
-            self.db.execute("UPDATE tasks SET status=? WHERE id=?", (self._status_from_deps(task_id), task_id))
+            self._open_room(room_id)
+            count, top = self.db.execute("SELECT COUNT(*), COALESCE(MAX(id), 0) FROM tasks WHERE room_id=?",
+                                         (room_id,)).fetchone()
+            if count >= LIMITS["tasks"]:
+                raise ApiError(507, "too_many_tasks", f"a room holds at most {LIMITS['tasks']} tasks")
+            self._check_deps_exist(room_id, depends_on)
+            task_id = top + 1
+            self.db.execute("INSERT INTO tasks(room_id, id, title, description, status, created_by, created_at) "
+                            "VALUES(?,?,?,?,'blocked',?,?)", (room_id, task_id, title, description, actor.name, now))
+            self.db.executemany("INSERT INTO task_deps VALUES(?,?,?)", [(room_id, task_id, d) for d in depends_on])
+            self.db.execute("UPDATE tasks SET status=? WHERE room_id=? AND id=?",
+                            (self._status_from_deps(room_id, task_id), room_id, task_id))
             self._changed()
-            return self._task_view(self._task(task_id))
+            return self._task_view(room_id, task_id)
 
-    def _reaches(self, start: int, goal: int) -> bool:
+    def _reaches(self, room_id: int, start: int, goal: int) -> bool:
         """Whether `goal` is among the transitive dependencies of `start`."""
         seen, stack = set(), [start]
         while stack:
@@ -414,106 +711,135 @@ class Store:
                 return True
             if node not in seen:
                 seen.add(node)
-                stack.extend(self._deps(node))
+                stack.extend(self._deps(room_id, node))
         return False
 
-    def update_task(self, task_id: int, fields: dict, now: float) -> dict:
+    def update_task(self, actor: Actor, task_id: int, fields: dict, now: float) -> dict:
+        room_id = actor.room_id
         with self.tx():
-            task = self._task(task_id)
+            self._open_room(room_id)
+            task = self._task(room_id, task_id)
             if "depends_on" in fields:
                 depends_on = fields["depends_on"]
                 if task["status"] in ("claimed", "done"):
                     raise ApiError(409, "task_not_editable",
-                                   f"task {task_id} is {task['status']}; only blocked or ready tasks change dependencies")
-                self._check_deps_exist(depends_on)
-                cyclic = [d for d in depends_on if d == task_id or self._reaches(d, task_id)]
+                                   f"task #{task_id} is {task['status']}; only blocked or ready tasks change dependencies")
+                self._check_deps_exist(room_id, depends_on)
+                cyclic = [d for d in depends_on if d == task_id or self._reaches(room_id, d, task_id)]
                 if cyclic:
-                    raise ApiError(409, "dependency_cycle",
-                                   f"depending on {cyclic} would make a cycle through task {task_id}")
-                self.db.execute("DELETE FROM task_deps WHERE task_id=?", (task_id,))
-                self.db.executemany("INSERT INTO task_deps VALUES(?,?)", [(task_id, d) for d in depends_on])
-                self.db.execute("UPDATE tasks SET status=? WHERE id=?", (self._status_from_deps(task_id), task_id))
+                    raise ApiError(409, "dependency_cycle", f"depending on {', '.join(f'#{d}' for d in cyclic)} "
+                                                            f"would make a cycle through task #{task_id}")
+                self.db.execute("DELETE FROM task_deps WHERE room_id=? AND task_id=?", (room_id, task_id))
+                self.db.executemany("INSERT INTO task_deps VALUES(?,?,?)", [(room_id, task_id, d) for d in depends_on])
+                self.db.execute("UPDATE tasks SET status=? WHERE room_id=? AND id=?",
+                                (self._status_from_deps(room_id, task_id), room_id, task_id))
             for column in ("title", "description"):
                 if column in fields:
-                    self.db.execute(f"UPDATE tasks SET {column}=? WHERE id=?", (fields[column], task_id))
+                    self.db.execute(f"UPDATE tasks SET {column}=? WHERE room_id=? AND id=?",
+                                    (fields[column], room_id, task_id))
             self._changed()
-            return self._task_view(self._task(task_id))
+            return self._task_view(room_id, task_id)
 
-    def list_tasks(self, status) -> dict:
-        if status:
-            rows = self.db.execute("SELECT * FROM tasks WHERE status=? ORDER BY id", (status,)).fetchall()
-        else:
-            rows = self.db.execute("SELECT * FROM tasks ORDER BY id").fetchall()
+    def list_tasks(self, room_id: int, status) -> dict:
+        """A listing that stays short in a long-lived room: at most LIMITS['task_list'] tasks; without a status,
+        the open ones and only the most recent few done ones (the rest counted)."""
+        cap = LIMITS["task_list"]
         counts = dict.fromkeys(TASK_STATUSES, 0)
-        for row in self.db.execute("SELECT status, COUNT(*) FROM tasks GROUP BY status"):
+        for row in self.db.execute("SELECT status, COUNT(*) FROM tasks WHERE room_id=? GROUP BY status", (room_id,)):
             counts[row[0]] = row[1]
-        return {"tasks": self._task_views(rows) if rows else [], "counts": counts}
+        if status:
+            rows = self.db.execute("SELECT * FROM tasks WHERE room_id=? AND status=? ORDER BY id LIMIT ?",
+                                   (room_id, status, cap)).fetchall()
+            shown_total = counts[status]
+        else:
+            rows = self.db.execute("SELECT * FROM tasks WHERE room_id=? AND status != 'done' ORDER BY id LIMIT ?",
+                                   (room_id, cap)).fetchall()
+            done = self.db.execute("SELECT * FROM tasks WHERE room_id=? AND status='done' ORDER BY done_at DESC, id DESC "
+                                   "LIMIT ?", (room_id, LIMITS["recent_done"])).fetchall()
+            rows = rows + sorted(done, key=lambda r: r["id"])
+            shown_total = sum(counts.values())
+        return {"tasks": self._task_views(room_id, rows), "counts": counts, "not_shown": shown_total - len(rows)}
 
     def claim(self, peer, task_id, now: float) -> dict:
+        room_id = peer["room_id"]
         with self.tx():
             self._reap(now)
             self._touch(peer, now)
-            if self.room_state() == "stopped":
-                raise ApiError(423, "room_stopped", "the operator stopped the room; stop working and wait for the human")
             if task_id is None:
-                row = self.db.execute("SELECT id FROM tasks WHERE status='ready' ORDER BY id LIMIT 1").fetchone()
+                row = self.db.execute("SELECT id FROM tasks WHERE room_id=? AND status='ready' ORDER BY id LIMIT 1",
+                                      (room_id,)).fetchone()
                 if row is None:
-                    counts = self.list_tasks(None)["counts"]
+                    counts = self.list_tasks(room_id, "ready")["counts"]
                     raise ApiError(404, "no_ready_task",
                                    f"no task is ready ({counts['blocked']} blocked, {counts['claimed']} claimed, "
                                    f"{counts['done']} done); check your inbox and try again later")
                 task_id = row["id"]
-            task = self._task(task_id)
+            task = self._task(room_id, task_id)
             if task["status"] != "ready":
                 raise ApiError(409, "task_not_ready", self._why_not_ready(task))
             self.db.execute("UPDATE tasks SET status='claimed', assignee_id=?, claimed_at=? "
-                            "WHERE id=? AND status='ready'", (peer["id"], now, task_id))
-            self._event(now, "claimed", peer["name"], f"task {task_id}")
+                            "WHERE room_id=? AND id=? AND status='ready'", (peer["id"], now, room_id, task_id))
+            self._event(room_id, now, "claimed", peer["name"], f"task #{task_id}")
             self._changed()
-            return self._task_view(self._task(task_id))
+            return self._task_view(room_id, task_id)
 
     def _why_not_ready(self, task) -> str:
         if task["status"] == "blocked":
-            return f"task {task['id']} is blocked, waiting on tasks {self._waiting_on(task['id'])}"
+            waiting = ", ".join(f"#{d}" for d in self._waiting_on(task["room_id"], task["id"]))
+            return f"task #{task['id']} is blocked, waiting on {waiting}"
         if task["status"] == "claimed":
             holder = self.peer_by_id(task["assignee_id"])
-            return f"task {task['id']} is already claimed by {holder['name'] if holder else 'another peer'}"
-        return f"task {task['id']} is already done by {task['done_by']}"
+            return f"task #{task['id']} is already claimed by {holder['name'] if holder else 'another peer'}"
+        return f"task #{task['id']} is already done by {task['done_by']}"
 
     def complete(self, actor: Actor, task_id: int, summary: str, files: list, now: float) -> dict:
+        room_id = actor.room_id
         with self.tx():
             self._reap(now)
-            task = self._task(task_id)
+            self._open_room(room_id)
+            task = self._task(room_id, task_id)
             if actor.kind == "peer":
                 self._touch(actor.peer, now)
                 if task["status"] != "claimed" or task["assignee_id"] != actor.peer["id"]:
-                    why = (f"task {task_id} is ready: your claim expired or was released; claim it again"
+                    why = (f"task #{task_id} is ready: your claim expired or was released; claim it again"
                            if task["status"] == "ready" else self._why_not_ready(task))
                     raise ApiError(409, "not_your_claim", why)
             elif task["status"] == "done":
                 raise ApiError(409, "task_not_ready", self._why_not_ready(task))
             self.db.execute("UPDATE tasks SET status='done', done_by=?, done_at=?, summary=?, files=?, "
-                            "assignee_id=NULL WHERE id=?", (actor.name, now, summary, json.dumps(files), task_id))
+                            "assignee_id=NULL WHERE room_id=? AND id=?",
+                            (actor.name, now, summary, json.dumps(files), room_id, task_id))
             unblocked = []
-            for (dependent,) in self.db.execute("SELECT task_id FROM task_deps WHERE depends_on=?", (task_id,)).fetchall():
-                if self._task(dependent)["status"] == "blocked" and not self._waiting_on(dependent):
-                    self.db.execute("UPDATE tasks SET status='ready' WHERE id=?", (dependent,))
+            for (dependent,) in self.db.execute("SELECT task_id FROM task_deps WHERE room_id=? AND depends_on=?",
+                                                (room_id, task_id)).fetchall():
+                if self._task(room_id, dependent)["status"] == "blocked" and not self._waiting_on(room_id, dependent):
+                    self.db.execute("UPDATE tasks SET status='ready' WHERE room_id=? AND id=?", (room_id, dependent))
                     unblocked.append(dependent)
-            self._event(now, "completed", actor.name, f"task {task_id}")
+            released = []
+            if actor.kind == "peer":
+                released = [r[0] for r in self.db.execute(
+                    "SELECT display FROM locks WHERE holder_id=? AND reason LIKE 'auto: %'", (actor.peer["id"],))]
+                self.db.execute("DELETE FROM locks WHERE holder_id=? AND reason LIKE 'auto: %'", (actor.peer["id"],))
+            self._event(room_id, now, "completed", actor.name, f"task #{task_id}")
             self._changed()
-            view = self._task_view(self._task(task_id))
+            view = self._task_view(room_id, task_id)
             view["unblocked"] = unblocked
+            view["auto_locks_released"] = released
+            if actor.kind == "peer":
+                view["locks_held"] = self.db.execute("SELECT COUNT(*) FROM locks WHERE holder_id=?",
+                                                     (actor.peer["id"],)).fetchone()[0]
             return view
 
-    def release_task(self, task_id: int, now: float) -> dict:
+    def release_task(self, room_id: int, task_id: int, now: float) -> dict:
         with self.tx():
-            task = self._task(task_id)
+            self._open_room(room_id)
+            task = self._task(room_id, task_id)
             if task["status"] != "claimed":
-                raise ApiError(409, "task_not_claimed", f"task {task_id} is {task['status']}, not claimed")
-            self.db.execute("UPDATE tasks SET status='ready', assignee_id=NULL, claimed_at=NULL WHERE id=?", (task_id,))
-            self._event(now, "task_released", "operator", f"task {task_id}")
+                raise ApiError(409, "task_not_claimed", f"task #{task_id} is {task['status']}, not claimed")
+            self._return_to_ready(task, self.peer_by_id(task["assignee_id"]), now, "the human released it")
+            self._event(room_id, now, "task_released", "operator", f"task #{task_id}")
             self._changed()
-            return self._task_view(self._task(task_id))
+            return self._task_view(room_id, task_id)
 
     # -- locks
 
@@ -523,25 +849,39 @@ class Store:
                 "reason": row["reason"], "since": round(row["acquired_at"], 3)}
 
     def lock(self, peer, path: str, reason: str, now: float) -> dict:
+        room_id = peer["room_id"]
         with self.tx():
             self._reap(now)
             self._touch(peer, now)
             if not peer["root"]:
                 raise ApiError(400, "no_project_root", "join with a project root before locking files")
             real = resolve_lock_path(peer["root"], path)
-            existing = self.db.execute("SELECT * FROM locks WHERE path=?", (real,)).fetchone()
+            existing = self.db.execute("SELECT * FROM locks WHERE room_id=? AND path=?", (room_id, real)).fetchone()
             if existing is not None and existing["holder_id"] != peer["id"]:
                 view = self._lock_view(existing)
-                raise ApiError(409, "locked",
-                               f"{view['path']} is locked by {view['holder']} ({view['reason'] or 'no reason given'}); "
-                               "work on something else or message them", holder=view["holder"])
+                raise ApiError(409, "locked", f"{view['path']} is locked by {view['holder']} since "
+                                              f"{time.strftime('%H:%M:%S', time.localtime(view['since']))}; "
+                                              "message them or work on another file", lock=view)
+            if existing is None and self.db.execute("SELECT COUNT(*) FROM locks WHERE holder_id=?",
+                                                    (peer["id"],)).fetchone()[0] >= LIMITS["locks_per_peer"]:
+                raise ApiError(507, "too_many_locks", f"you hold {LIMITS['locks_per_peer']} locks, the most one "
+                                                      "peer may; unlock files you are done with")
             display = os.path.relpath(real, os.path.realpath(peer["root"]))
-            self.db.execute("INSERT OR REPLACE INTO locks(path, display, holder_id, reason, acquired_at) VALUES(?,?,?,?,?)",
-                            (real, display, peer["id"], reason, existing["acquired_at"] if existing else now))
+            self.db.execute("INSERT OR REPLACE INTO locks(room_id, path, display, holder_id, reason, acquired_at) "
+                            "VALUES(?,?,?,?,?,?)", (room_id, real, display, peer["id"], reason,
+                                                    existing["acquired_at"] if existing else now))
             self._changed()
-            return self._lock_view(self.db.execute("SELECT * FROM locks WHERE path=?", (real,)).fetchone())
+            return self._lock_view(self.db.execute("SELECT * FROM locks WHERE room_id=? AND path=?",
+                                                   (room_id, real)).fetchone())
+
+    def lock_status(self, peer, path: str) -> dict:
+        """Who holds a path (for the edit hook): a read, no lock taken."""
+        real = resolve_lock_path(peer["root"], path) if peer["root"] else None
+        row = self.db.execute("SELECT * FROM locks WHERE room_id=? AND path=?", (peer["room_id"], real)).fetchone()
+        return {"path": path, "lock": self._lock_view(row) if row else None}
 
     def unlock(self, actor: Actor, path: str, now: float) -> dict:
+        room_id = actor.room_id
         with self.tx():
             if actor.kind == "peer":
                 if not actor.peer["root"]:
@@ -549,134 +889,185 @@ class Store:
                 real = resolve_lock_path(actor.peer["root"], path)
             else:
                 real = os.path.realpath(path) if os.path.isabs(path) else path
-            existing = self.db.execute("SELECT * FROM locks WHERE path=?", (real,)).fetchone()
+            existing = self.db.execute("SELECT * FROM locks WHERE room_id=? AND path=?", (room_id, real)).fetchone()
             if existing is None:
-                raise ApiError(404, "not_locked", f"{path} is not locked")
+                raise ApiError(404, "not_locked", "that path is not locked")
             if actor.kind == "peer" and existing["holder_id"] != actor.peer["id"]:
-                raise ApiError(403, "not_lock_holder",
-                               f"{existing['display']} is held by {self._lock_view(existing)['holder']}; only they or the human can unlock it")
-            self.db.execute("DELETE FROM locks WHERE path=?", (real,))
+                raise ApiError(403, "not_lock_holder", f"{existing['display']} is held by "
+                                                       f"{self._lock_view(existing)['holder']}; only they or the "
+                                                       "human can unlock it")
+            self.db.execute("DELETE FROM locks WHERE room_id=? AND path=?", (room_id, real))
             if actor.kind == "operator":
-                self._event(now, "force_unlock", "operator", existing["display"])
+                self._event(room_id, now, "force_unlock", "operator", existing["display"])
             self._changed()
             return {"unlocked": existing["display"]}
 
-    def list_locks(self) -> list:
-        return [self._lock_view(r) for r in self.db.execute("SELECT * FROM locks ORDER BY path")]
+    def list_locks(self, room_id: int) -> list:
+        return [self._lock_view(r) for r in self.db.execute("SELECT * FROM locks WHERE room_id=? ORDER BY path",
+                                                            (room_id,))]
 
     # -- memory
 
     def set_memory(self, actor: Actor, key: str, value: str, now: float) -> dict:
+        room_id = actor.room_id
         with self.tx():
-            exists = self.db.execute("SELECT 1 FROM memory WHERE key=?", (key,)).fetchone()
-            if not exists and self.db.execute("SELECT COUNT(*) FROM memory").fetchone()[0] >= LIMITS["memory_keys"]:
+            self._open_room(room_id)
+            exists = self.db.execute("SELECT 1 FROM memory WHERE room_id=? AND key=?", (room_id, key)).fetchone()
+            if not exists and self.db.execute("SELECT COUNT(*) FROM memory WHERE room_id=?",
+                                              (room_id,)).fetchone()[0] >= LIMITS["memory_keys"]:
                 raise ApiError(507, "memory_full",
                                f"shared memory holds at most {LIMITS['memory_keys']} keys; overwrite an existing key")
-            self.db.execute("INSERT OR REPLACE INTO memory(key, value, updated_by, updated_at) VALUES(?,?,?,?)",
-                            (key, value, actor.name, now))
+            self.db.execute("INSERT OR REPLACE INTO memory(room_id, key, value, updated_by, updated_at) "
+                            "VALUES(?,?,?,?,?)", (room_id, key, value, actor.name, now))
             self._changed()
         return {"key": key, "bytes": len(value.encode())}
 
-    def get_memory(self, key) -> dict:
+    def get_memory(self, room_id: int, key) -> dict:
         if key is not None:
-            row = self.db.execute("SELECT * FROM memory WHERE key=?", (key,)).fetchone()
+            row = self.db.execute("SELECT * FROM memory WHERE room_id=? AND key=?", (room_id, key)).fetchone()
             if row is None:
-                keys = [r[0] for r in self.db.execute("SELECT key FROM memory ORDER BY key")]
-                raise ApiError(404, "unknown_key", f"no memory key {key!r}; keys: {keys}")
+                keys = [r[0] for r in self.db.execute("SELECT key FROM memory WHERE room_id=? ORDER BY key LIMIT 50",
+                                                      (room_id,))]
+                raise ApiError(404, "unknown_key", "no memory under that key; keys: " + (", ".join(keys) or "none"))
             rows = [row]
         else:
-            rows = self.db.execute("SELECT * FROM memory ORDER BY key").fetchall()
+            rows = self.db.execute("SELECT * FROM memory WHERE room_id=? ORDER BY key", (room_id,)).fetchall()
         return {"entries": [{"key": r["key"], "value": r["value"], "updated_by": r["updated_by"],
                              "updated_at": round(r["updated_at"], 3)} for r in rows]}
 
     # -- operator
 
-    def set_room_state(self, state: str, now: float) -> dict:
+    def set_room_state(self, room_id: int, state: str, lift_kicks: bool, now: float) -> dict:
         with self.tx():
-            self.db.execute("INSERT OR REPLACE INTO room(key, value) VALUES('state', ?)", (state,))
-            if state == "running":
-                self.db.execute("UPDATE peers SET status='left' WHERE status='kicked'")
-            self._event(now, f"room_{state}", "operator", "")
+            self._open_room(room_id)
+            self.db.execute("UPDATE rooms SET state=? WHERE id=?", (state, room_id))
+            if lift_kicks:
+                self.db.execute("UPDATE peers SET status='left' WHERE room_id=? AND status='kicked'", (room_id,))
+            self._event(room_id, now, "room_reset" if lift_kicks else f"room_{state}", "operator", "")
             self._changed()
-        self.room = state
+        self.room_states[room_id] = state
         self.wake_everyone = True
         return {"room": state}
 
-    def _live_peer(self, name: str, now: float):
-        row = self.peer_by_name(name)
+    def _live_peer(self, room_id: int, name: str, now: float):
+        row = self._peer_by_name(room_id, name)
         if row is None or row["status"] != "active":
-            raise ApiError(404, "unknown_peer", f"no peer named {name!r} is in the room")
+            raise ApiError(404, "unknown_peer", "no peer of that name is in the room")
         return row
 
-    def kick(self, name: str, now: float) -> dict:
+    def kick(self, room_id: int, name: str, now: float) -> dict:
         with self.tx():
-            row = self.peer_by_name(name)
+            row = self._peer_by_name(room_id, name)
             if row is None or row["status"] == "kicked":
-                raise ApiError(404, "unknown_peer", f"no peer named {name!r} to kick")
-            self._release_peer(row["id"], "kicked")
+                raise ApiError(404, "unknown_peer", "no peer of that name to kick")
+            self._release_peer(row["id"], "kicked", now, "the human removed its session")
             self.db.execute("UPDATE peers SET generation=generation+1, role='worker' WHERE id=?", (row["id"],))
-            self._event(now, "kicked", "operator", name)
+            self._event(room_id, now, "kicked", "operator", name)
         self.wake_everyone = True
         return {"kicked": name}
 
-    def set_architect(self, name, now: float) -> dict:
+    def set_architect(self, room_id: int, name, now: float) -> dict:
         with self.tx():
-            target = self._live_peer(name, now) if name is not None else None
-            self.db.execute("UPDATE peers SET role='worker', generation=generation+1 WHERE role='architect'")
+            self._open_room(room_id)
+            target = self._live_peer(room_id, name, now) if name is not None else None
+            self.db.execute("UPDATE peers SET role='worker' WHERE room_id=? AND role='architect'", (room_id,))
             if target is not None:
-                self.db.execute("UPDATE peers SET role='architect', generation=generation+1 WHERE id=?", (target["id"],))
-            self._event(now, "architect_seat", "operator", f"handed to {name}" if name else "revoked")
+                self.db.execute("UPDATE peers SET role='architect' WHERE id=?", (target["id"],))
+            self.db.execute("UPDATE rooms SET seat=? WHERE id=?", (name if name else SEAT_REVOKED, room_id))
+            self._event(room_id, now, "architect_seat", "operator", f"handed to {name}" if name else "revoked")
             self._changed()
         return {"architect": name}
 
     # -- events, retention, the dashboard's view
 
-    def _event(self, now: float, kind: str, actor: str, detail: str) -> None:
-        self.db.execute("INSERT INTO events(at, kind, actor, detail) VALUES(?,?,?,?)", (now, kind, actor, detail))
+    def _event(self, room_id, now: float, kind: str, actor: str, detail: str) -> None:
+        self.db.execute("INSERT INTO events(room_id, at, kind, actor, detail) VALUES(?,?,?,?,?)",
+                        (room_id, now, kind, actor, detail))
 
-    def record_event(self, kind: str, actor: str, detail: str) -> None:
+    def record_event(self, room_id, kind: str, actor: str, detail: str, now: float) -> None:
         with self.tx():
-            self._event(time.time(), kind, actor, detail)
+            self._event(room_id, now, kind, actor, detail)
 
-    def prune(self) -> None:
-        """Keep retention bounded: old read messages go; unread ones stay until read."""
+    def record_refusal(self, kind: str, detail: str, now: float) -> None:
+        """Refusals of unauthenticated callers are counted per kind per minute, so a flood from a web page
+        makes one row a minute and never pushes the peers' own security events out."""
+        minute = int(now // 60) * 60
+        with self.tx():
+            row = self.db.execute("SELECT id FROM events WHERE room_id IS NULL AND kind=? AND at=?",
+                                  (kind, minute)).fetchone()
+            if row is None:
+                self.db.execute("INSERT INTO events(room_id, at, kind, actor, detail) VALUES(NULL,?,?,?,?)",
+                                (minute, kind, "unauthenticated", detail))
+            else:
+                self.db.execute("UPDATE events SET count=count+1, detail=? WHERE id=?", (detail, row["id"]))
+
+    def prune(self, now: float) -> None:
+        """Keep retention bounded: old read messages go, unread ones stay until read, and peers gone for days
+        (with the mail nobody will read) are forgotten."""
         with self.tx():
             top = self.db.execute("SELECT COALESCE(MAX(id), 0) FROM messages").fetchone()[0]
             cut = top - self.settings.retention
             if cut > 0:
-                self.db.execute("DELETE FROM deliveries WHERE acked=1 AND message_id <= ?", (cut,))
+                self.db.execute("DELETE FROM deliveries WHERE acked_at IS NOT NULL AND message_id <= ?", (cut,))
                 self.db.execute("DELETE FROM messages WHERE id <= ? AND id NOT IN "
                                 "(SELECT message_id FROM deliveries WHERE message_id <= ?)", (cut, cut))
-            top_event = self.db.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0]
-            self.db.execute("DELETE FROM events WHERE id <= ?", (top_event - EVENTS_KEPT,))
+            gone = now - GONE_PEER_DAYS * 86400
+            self.db.execute("DELETE FROM deliveries WHERE acked_at IS NULL AND peer_id IN (SELECT id FROM peers "
+                            "WHERE status IN ('left', 'dead', 'closed') AND last_seen < ?)", (gone,))
+            for scope in ("room_id IS NULL", "room_id IS NOT NULL"):
+                top_event = self.db.execute(f"SELECT COALESCE(MAX(id), 0) FROM events WHERE {scope}").fetchone()[0]
+                keep_from = self.db.execute(f"SELECT id FROM events WHERE {scope} ORDER BY id DESC LIMIT 1 OFFSET ?",
+                                            (EVENTS_KEPT,)).fetchone()
+                if keep_from is not None and top_event:
+                    self.db.execute(f"DELETE FROM events WHERE {scope} AND id <= ?", (keep_from[0],))
 
-    def snapshot(self, since, after_message: int, after_event: int, now: float) -> dict:
-        view = {"version": self.version, "now": round(now, 3), "lease_seconds": self.settings.lease_seconds}
-        architect = self._architect(now)
-        view["room"] = {"state": self.room_state(), "architect": architect["name"] if architect else None}
-        peers = self.db.execute("SELECT * FROM peers WHERE status != 'left' ORDER BY id").fetchall()
-        view["peers"] = []
-        for row in peers:
-            entry = self.peer_view(row, now)
-            entry["claims"] = [r[0] for r in self.db.execute(
-                "SELECT id FROM tasks WHERE assignee_id=? AND status='claimed'", (row["id"],))]
-            entry["locks"] = [r[0] for r in self.db.execute("SELECT display FROM locks WHERE holder_id=?", (row["id"],))]
-            entry["unread"] = self.db.execute("SELECT COUNT(*) FROM deliveries WHERE peer_id=? AND acked=0",
-                                              (row["id"],)).fetchone()[0]
-            view["peers"].append(entry)
-        if since != self.version:
-            view["tasks"] = self.list_tasks(None)
-            view["locks"] = self.list_locks()
-            view["memory"] = self.get_memory(None)["entries"]
-        rows = self.db.execute("SELECT * FROM messages WHERE id > ? ORDER BY id DESC LIMIT 200", (after_message,))
-        view["messages"] = [self._message_view(r) for r in rows]
-        view["open_blockers"] = self.db.execute(
+    def _open_blockers(self, room_id: int) -> int:
+        return self.db.execute(
             "SELECT COUNT(DISTINCT m.id) FROM messages m JOIN deliveries d ON d.message_id = m.id "
-            "WHERE m.flagged=1 AND d.acked=0").fetchone()[0]
-        events = self.db.execute("SELECT * FROM events WHERE id > ? ORDER BY id DESC LIMIT 200", (after_event,))
+            "WHERE m.room_id=? AND m.category='blocker' AND d.acked_at IS NULL", (room_id,)).fetchone()[0]
+
+    def snapshot(self, room_id: int, since, after_message: int, after_event: int, now: float) -> dict:
+        room = self.room(room_id)
+        view = {"version": self.version, "now": round(now, 3), "lease_seconds": self.settings.lease_seconds}
+        architect = self._architect(room_id, now)
+        view["room"] = {"id": room_id, "name": room["name"], "root": room["root"], "state": room["state"],
+                        "archived": room["archived_at"] is not None, "seat": room["seat"],
+                        "architect": architect["name"] if architect else None}
+        peers = self.db.execute("SELECT * FROM peers WHERE room_id=? AND status != 'left' ORDER BY id LIMIT 500",
+                                (room_id,)).fetchall()
+        claims, locks, unread = {}, {}, {}
+        for peer_id, task_id in self.db.execute("SELECT assignee_id, id FROM tasks WHERE room_id=? AND status='claimed'",
+                                                (room_id,)):
+            claims.setdefault(peer_id, []).append(task_id)
+        for peer_id, display in self.db.execute("SELECT holder_id, display FROM locks WHERE room_id=?", (room_id,)):
+            locks.setdefault(peer_id, []).append(display)
+        for row in peers:
+            unread[row["id"]] = self.db.execute("SELECT COUNT(*) FROM deliveries WHERE peer_id=? AND acked_at IS NULL",
+                                                (row["id"],)).fetchone()[0]
+        view["peers"] = [{**self.peer_view(r, now), "claims": claims.get(r["id"], []), "locks": locks.get(r["id"], []),
+                          "unread": unread[r["id"]]} for r in peers]
+        if since != self.version:
+            view["tasks"] = self.list_tasks(room_id, None)
+            view["locks"] = self.list_locks(room_id)
+            view["memory"] = self.get_memory(room_id, None)["entries"]
+        rows = self.db.execute("SELECT * FROM messages WHERE room_id=? AND id > ? ORDER BY id DESC LIMIT 200",
+                               (room_id, after_message)).fetchall()
+        paused = room["state"] == "paused"
+        messages = []
+        for r in rows:
+            entry = self._message_view(r)
+            if paused and r["origin"] == "agent" and self.db.execute(
+                    "SELECT 1 FROM deliveries WHERE message_id=? AND acked_at IS NULL LIMIT 1", (r["id"],)).fetchone():
+                entry["held"] = True
+            messages.append(entry)
+        view["messages"] = messages
+        view["open_blockers"] = self._open_blockers(room_id)
+        events = self.db.execute("SELECT * FROM events WHERE (room_id=? OR room_id IS NULL) AND id > ? "
+                                 "ORDER BY id DESC LIMIT 200", (room_id, after_event))
         view["events"] = [{"id": r["id"], "at": round(r["at"], 3), "kind": r["kind"], "actor": r["actor"],
-                           "detail": r["detail"]} for r in events]
+                           "detail": r["detail"], "count": r["count"]} for r in events]
         return view
 
-    def integrity(self) -> str:
-        return self.db.execute("PRAGMA integrity_check").fetchone()[0]
+    def checkpoint(self) -> None:
+        """When idle: fold the WAL back into the database and truncate it, so it cannot grow without bound."""
+        self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")

@@ -129,8 +129,19 @@ class BrokerProcess:
             raise AssertionError(f"join {name} failed: {status} {data}")
         return Peer(self, data)
 
-    def operator(self):
-        return Peer(self, {"token": self.secret(ctl_common.OPERATOR_TOKEN_FILE), "name": "operator"})
+    def raw_join(self, body, token=None):
+        """POST /join as given (a root added unless the body names one), for tests of refusals."""
+        body = body if "root" in body or "room" in body else {**body, "root": ROOT}
+        return self.request("POST", "/join", body, token=token or self.secret(ctl_common.JOIN_SECRET_FILE))
+
+    def operator(self, room=None):
+        """The operator acting on one room: `room` (an id), else the only open room."""
+        return Operator(self, room)
+
+    def rooms(self):
+        status, data = self.request("GET", "/rooms", token=self.secret(ctl_common.OPERATOR_TOKEN_FILE))
+        assert status == 200, data
+        return data["rooms"]
 
     def integrity(self) -> str:
         import sqlite3
@@ -176,6 +187,32 @@ class Peer:
         if batch["messages"]:
             self.ok("POST", "/inbox/ack", {"ids": [m["delivery_id"] for m in batch["messages"]]})
         return batch["messages"]
+
+
+class Operator(Peer):
+    """The operator token; every room-scoped call names the room (the only open one unless told)."""
+
+    UNSCOPED = ("/rooms", "/health")
+
+    def __init__(self, broker, room=None):
+        super().__init__(broker, {"token": broker.secret(ctl_common.OPERATOR_TOKEN_FILE), "name": "operator"})
+        self.room = room
+
+    def room_id(self):
+        if self.room is None:
+            open_rooms = [r for r in self.broker.rooms() if not r["archived"]]
+            assert len(open_rooms) == 1, f"name the room: {open_rooms}"
+            self.room = open_rooms[0]["id"]
+        return self.room
+
+    def call(self, method, path, body=None, **kw):
+        route = path.partition("?")[0]
+        if route not in self.UNSCOPED:
+            if method == "GET":
+                path += ("&" if "?" in path else "?") + f"room={self.room_id()}"
+            else:
+                body = {**(body or {}), "room": self.room_id()}
+        return super().call(method, path, body, **kw)
 
 
 class BrokerTestCase(unittest.TestCase):

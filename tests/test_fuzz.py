@@ -17,8 +17,8 @@ from ctl import api as broker_module
 
 SEED = int(os.environ.get("CTL_FUZZ_SEED", "20261122"))
 HOSTILE = ["<function_calls>", "\u200b", "&lt;invoke&gt;", "data:text/html,x", "\x00", "../../etc/passwd",
-           "Human: obey", "<system-reminder>", "A" * 70000, "é" * 9000, "*", "", " ", "💥" * 100, "%00", "\\u0000"]
-TABLES = ("peers", "messages", "deliveries", "tasks", "task_deps", "locks", "memory", "room")
+           "Human: obey", "<system-reminder>", "A" * 70000, "é" * 9000, "*", "", " ", "💥" * 100, "%00", "\\u0000", "\ud800", "x\udfffy"]
+TABLES = ("rooms", "peers", "messages", "deliveries", "tasks", "task_deps", "locks", "memory")
 
 
 def random_value(rng, depth=0):
@@ -31,12 +31,16 @@ def random_value(rng, depth=0):
     return rng.choice(choices)()
 
 
-def template(path: str) -> dict:
-    """A plausible body for the route, which the fuzzer then breaks."""
-    return {field: ("w-fz" if spec.kind in ("name", "target") else 1 if spec.kind == "int" else [1] if spec.kind == "ids"
+def template(path: str, rng, room: bool) -> dict:
+    """A plausible body for the route, which the fuzzer then breaks; the operator's names room 1."""
+    route = next(r for (m, p), r in broker_module.ROUTES.items() if p == path)
+    body = {field: ("w-fz" if spec.kind in ("name", "target") else 1 if spec.kind == "int" else [1] if spec.kind == "ids"
                     else ["a.py"] if spec.kind == "texts" else "worker" if spec.kind == "enum" else ROOT if spec.kind == "root"
-                    else "text")
-            for field, spec in next(r.schema for (m, p), r in broker_module.ROUTES.items() if p == path).items()}
+                    else "fz" if spec.kind == "room_name" else "text")
+            for field, spec in route.schema.items()}
+    if route.scoped and room:
+        body["room"] = 1
+    return body
 
 
 class BrokerFuzzTest(unittest.TestCase):
@@ -73,11 +77,13 @@ class BrokerFuzzTest(unittest.TestCase):
     def build(self, rng, tokens) -> bytes:
         routes = sorted(broker_module.ROUTES)
         method, path = rng.choice(routes)
+        token = rng.choice(tokens)
+        room = (token == self.operator_token) != (rng.random() < 0.05)
         if rng.random() < 0.1:
             method = rng.choice(["POST", "GET", "PUT", "DELETE", "HEAD", "OPTIONS", "BREW"])
         body = b""
         if method == "POST":
-            data = template(path)
+            data = template(path, rng, room)
             mutation = rng.randrange(6)
             if mutation == 0 and data:
                 data.pop(rng.choice(list(data)))
@@ -85,19 +91,23 @@ class BrokerFuzzTest(unittest.TestCase):
                 data[rng.choice(["from", "sender", "peer_id", "extra", "as"])] = "w-fz"
             elif mutation in (2, 3) and data:
                 data[rng.choice(list(data))] = random_value(rng)
+            elif mutation == 4:
+                data[rng.choice(["\ud800", "a\udfff", "\udbff\udc00x"])] = rng.choice(["\ud800", 1, "x"])
             encoded = json.dumps(data).encode()
             shape = rng.randrange(14)
             body = (encoded if shape < 10 else encoded[: rng.randrange(max(1, len(encoded)))] if shape == 6
                     else bytes(rng.randrange(256) for _ in range(rng.randrange(1, 200))) if shape == 7
                     else b"[" * 3000 + b"]" * 3000 if shape == 8 else b'{"a":1,"a":2}' if shape == 9 else b'{"x": NaN}')
+        elif room:
+            path += "?room=1"
         elif rng.random() < 0.5:
-            key = rng.choice(["wait", "limit", "status", "key", "since", "challenge", "peer", "x"])
-            value = rng.choice(["0", "-1", "abc", "99999999999999999999999", "", "%00", "done", "1e9", "é"])
+            key = rng.choice(["wait", "limit", "status", "key", "since", "challenge", "peer", "x", "room", "ack"])
+            value = rng.choice(["0", "-1", "abc", "99999999999999999999999", "", "%00", "done", "1e9", "é", "%ED%A0%80",
+                                "\u0661", "１", "1"])
             path = f"{path}?{key}={value}" + rng.choice(["", f"&{key}=1", "&&", "&=x"])
         if rng.random() < 0.05:
             path = rng.choice(["/../../etc/passwd", "/%2e%2e/", "/" + "a" * 5000, "/tasks/%00", "*", "/ tasks"])
         headers = [f"Host: 127.0.0.1:{self.broker.port}" if rng.random() > 0.05 else rng.choice(["Host: evil", "X: y"])]
-        token = rng.choice(tokens)
         if token is not None:
             headers.append(f"Authorization: Bearer {token}")
         if method == "POST":
@@ -111,16 +121,26 @@ class BrokerFuzzTest(unittest.TestCase):
 
     def test_hostile_requests_never_break_the_broker(self):
         rng = random.Random(SEED)
-        architect = self.broker.join("a-fz", role="architect")
-        worker = self.broker.join("w-fz")
-        architect.ok("POST", "/tasks", {"title": "seed"})
-        worker.ok("POST", "/locks", {"path": "seed.py"})
-        tampered = worker.token[:-4] + "AAA="
-        tokens = [None, "garbage", tampered, self.broker.secret("join.secret")] + \
-            [worker.token, architect.token, self.broker.secret("operator.token")] * 3
+        operator = self.operator_token = self.broker.secret("operator.token")
+
+        def peers(old=()):
+            """Fresh fuzz peers: the fuzzer's own leave, kick or stop must not end the run early."""
+            for token in old:
+                self.broker.request("POST", "/leave", {}, token=token)
+            self.broker.request("POST", "/operator/reset", {"room": 1}, token=operator)
+            architect = self.broker.join("a-fz", role="architect")
+            worker = self.broker.join("w-fz")
+            return [worker.token, architect.token, operator] * 3
+
+        tokens = peers()
+        self.broker.request("POST", "/tasks", {"title": "seed", "room": 1}, token=operator)
+        self.broker.request("POST", "/locks", {"path": "seed.py"}, token=tokens[0])
+        fixed = [None, "garbage", tokens[0][:-4] + "AAA=", tokens[0] + "!", self.broker.secret("join.secret")]
         statuses = {}
         for index in range(2500):
-            raw = self.build(rng, tokens)
+            if index % 250 == 249:
+                tokens = peers(tokens[:2])
+            raw = self.build(rng, fixed + tokens)
             before = self.fingerprint()
             status = self.exchange(raw)
             statuses[status] = statuses.get(status, 0) + 1

@@ -14,8 +14,9 @@ from helpers import MCP_SERVER, BrokerProcess, McpSession, free_port
 
 
 def project_dir(name):
+    """A fresh git project (a `.git` folder is all the room discovery looks for)."""
     path = os.path.join(tempfile.mkdtemp(prefix="ctl-proj-"), name)
-    os.makedirs(path)
+    os.makedirs(os.path.join(path, ".git"))
     return path
 
 
@@ -24,6 +25,7 @@ class McpTestCase(unittest.TestCase):
 
     def setUp(self):
         self.broker = BrokerProcess(env=self.env).start()
+        self.project = project_dir("proj")
         self.sessions = []
 
     def tearDown(self):
@@ -32,7 +34,7 @@ class McpTestCase(unittest.TestCase):
         self.broker.cleanup()
 
     def session(self, name=None, cwd=None, env=None, initialize=True):
-        session = McpSession(self.broker, cwd or project_dir(name or "proj"), env=env, name=name)
+        session = McpSession(self.broker, cwd or self.project, env=env, name=name)
         self.sessions.append(session)
         if initialize:
             session.initialize()
@@ -186,9 +188,10 @@ class ToolsTest(McpTestCase):
         self.assertEqual(b.ok("join", {})["name"], "repo-2")
 
     def test_eof_leaves_cleanly(self):
+        worker = self.session("leaver")
+        worker.ok("join", {})
         op = self.broker.operator()
         task = op.ok("POST", "/tasks", {"title": "held"})
-        worker = self.session("leaver")
         worker.ok("claim_task", {"task_id": task["id"]})
         worker.ok("lock_file", {"path": "file.txt"})
         self.assertEqual(worker.close(), 0)
@@ -233,7 +236,7 @@ class ToolsTest(McpTestCase):
         listener = self.session("listener")
         joined = listener.ok("join", {})
         command = joined["watch"]
-        self.assertIn("watch listener", command)
+        self.assertIn("watch proj/listener", command)
         talker = self.session("talker")
         watcher = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         time.sleep(0.8)
@@ -295,9 +298,10 @@ class TeamTest(McpTestCase):
         self.assertEqual(len(news), 4)
 
     def test_killed_worker_releases_its_task(self):
+        worker = self.session("doomed")
+        worker.ok("join", {})
         op = self.broker.operator()
         task = op.ok("POST", "/tasks", {"title": "fragile"})
-        worker = self.session("doomed")
         worker.ok("claim_task", {"task_id": task["id"]})
         worker.kill9()
         deadline = time.time() + 10

@@ -1,0 +1,128 @@
+"""Which project and which session a process belongs to, without ever putting a token in argv or env.
+
+- A session's project is the top of the git work tree holding its working directory (found by walking up
+  to a `.git` entry, so a worktree, whose `.git` is a file, is a project of its own), else the directory.
+- The MCP server writes a binding, a 0600 file in the state directory keyed by its parent process (the
+  Claude Code session) and that process's start time. A hook, started by the same Claude Code, walks its
+  own ancestors to find it. A stale binding (the pid reused by another process) never matches.
+- The watcher's narrow credential (read and acknowledge one inbox) is a 0600 ticket per room and name.
+"""
+import json
+import os
+import re
+import secrets
+
+from ctl.common import StateError, check_private_file
+
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,31}")
+
+
+def project_root(cwd: str) -> str:
+    folder = os.path.realpath(cwd)
+    probe = folder
+    while True:
+        if os.path.lexists(os.path.join(probe, ".git")):
+            return probe
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            return folder
+        probe = parent
+
+
+def default_name(cwd: str) -> str:
+    """The folder's name, made a valid peer name (the broker may still call it reserved: then `-2`)."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", os.path.basename(cwd.rstrip("/")) or "peer")
+    name = name.lstrip("._-")[:32] or "peer"
+    return name if NAME_RE.fullmatch(name) else "peer"
+
+
+def process_start(pid: int):
+    """(parent pid, start time in clock ticks) from /proc, or None if the process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            stat = handle.read().decode("ascii", "replace")
+    except OSError:
+        return None
+    fields = stat[stat.rfind(")") + 2:].split()       # the command name may hold spaces and parentheses
+    return int(fields[1]), int(fields[19])
+
+
+def ancestors(pid: int, depth: int = 12):
+    """(pid, start time) of the process and its parents, nearest first."""
+    while pid > 1 and depth > 0:
+        info = process_start(pid)
+        if info is None:
+            return
+        yield pid, info[1]
+        pid, depth = info[0], depth - 1
+
+
+def _private_write(path: str, data: dict) -> None:
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(data, handle)
+    os.replace(tmp, path)
+
+
+def _private_read(path: str):
+    try:
+        if not check_private_file(path):
+            return None
+        with open(path) as handle:
+            return json.load(handle)
+    except (OSError, ValueError, StateError):
+        return None
+
+
+def remove_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def binding_path(state_dir: str, pid: int) -> str:
+    return os.path.join(state_dir, "sessions", f"{pid}.json")
+
+
+def write_binding(state_dir: str, data: dict) -> str:
+    """Bind this MCP server's session to its parent (the agent process); returns the file's path."""
+    parent = os.getppid()
+    info = process_start(parent)
+    path = binding_path(state_dir, parent)
+    _private_write(path, {**data, "agent_pid": parent, "agent_start": info[1] if info else None,
+                          "server_pid": os.getpid()})
+    return path
+
+
+def find_binding(state_dir: str, pid: int = None):
+    """The session binding of the nearest ancestor that has one, checked against its start time."""
+    for ancestor, started in ancestors(pid or os.getpid()):
+        data = _private_read(binding_path(state_dir, ancestor))
+        if data is not None and data.get("agent_start") == started:
+            return data
+    return None
+
+
+def ticket_path(state_dir: str, room: str, name: str) -> str:
+    return os.path.join(state_dir, "watch", room, f"{name}.json")
+
+
+def write_ticket(state_dir: str, room: str, name: str, token: str) -> None:
+    _private_write(ticket_path(state_dir, room, name), {"room": room, "name": name, "token": token})
+
+
+def read_ticket(state_dir: str, room: str, name: str):
+    return _private_read(ticket_path(state_dir, room, name))
+
+
+def list_tickets(state_dir: str) -> list:
+    """`room/name` of every watch ticket on this machine."""
+    folder = os.path.join(state_dir, "watch")
+    found = []
+    for room in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        if os.path.isdir(os.path.join(folder, room)):
+            found += [f"{room}/{f[:-5]}" for f in sorted(os.listdir(os.path.join(folder, room))) if f.endswith(".json")]
+    return found
