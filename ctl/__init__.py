@@ -1,7 +1,7 @@
 """Control Tower Lite: several coding agents on one machine working as one team, with a human watching.
 
 The package holds everything; the checkout's flat files (`broker.py`, `mcp_server.py`, `install.py`,
-`launch.py`) are thin entry points into it, so `python3 launch.py` works from a clone and
+`launch.py`, `hook.py`) are thin entry points into it, so `python3 launch.py` works from a clone and
 `pip install .` adds one package, `ctl`, and no top-level modules.
 """
 import os
@@ -18,6 +18,7 @@ ENTRY_POINTS = {
     "mcp": ("mcp_server.py", "ctl.mcp", "ctl-mcp"),
     "install": ("install.py", "ctl.install", "ctl-install"),
     "launch": ("launch.py", "ctl.launch", "ctl-launch"),
+    "hook": ("hook.py", "ctl.hooks", "ctl-hook"),
 }
 
 

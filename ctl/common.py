@@ -93,6 +93,19 @@ def check_private_file(path: str) -> bool:
     return True
 
 
+def write_secret(state_dir: str, name: str) -> None:
+    """A new random secret, replacing any old one in one rename (0600, fsynced)."""
+    path = os.path.join(state_dir, name)
+    tmp = f"{path}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        os.write(fd, secrets.token_urlsafe(32).encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
 def read_secret(state_dir: str, name: str, create: bool = False) -> str:
     """Read a secret file, creating it once (atomically, 0600) when asked; secrets are reused forever after."""
     path = os.path.join(state_dir, name)
@@ -269,6 +282,7 @@ def spawn_broker(port: int, state_dir: str, wait: float = 10.0) -> None:
     ensure_state_dir(state_dir)
     log_path = os.path.join(state_dir, "broker.log")
     with open(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as log:
+        started_at = log.tell()
         proc = subprocess.Popen(entry_command("broker") + ["--port", str(port), "--state-dir", state_dir],
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
     deadline = time.time() + wait
@@ -277,7 +291,8 @@ def spawn_broker(port: int, state_dir: str, wait: float = 10.0) -> None:
             return
         if proc.poll() is not None:
             with open(log_path, "rb") as handle:
-                last = b"\n".join(handle.read().splitlines()[-3:]).decode(errors="replace")
-            raise StateError(f"the broker exited at once; {log_path} ends with:\n{last}")
+                handle.seek(started_at)
+                said = handle.read().decode(errors="replace").strip()    # this attempt's words only
+            raise StateError(f"the broker exited at once:\n{said}")
         time.sleep(0.1)
     raise StateError(f"the broker did not become healthy within {wait:.0f}s; see {log_path}")

@@ -57,7 +57,7 @@ def ancestors(pid: int, depth: int = 12):
         pid, depth = info[0], depth - 1
 
 
-def _private_write(path: str, data: dict) -> None:
+def write_private(path: str, data: dict) -> None:
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
     tmp = f"{path}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
@@ -66,7 +66,7 @@ def _private_write(path: str, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def _private_read(path: str):
+def read_private(path: str):
     try:
         if not check_private_file(path):
             return None
@@ -92,7 +92,7 @@ def write_binding(state_dir: str, data: dict) -> str:
     parent = os.getppid()
     info = process_start(parent)
     path = binding_path(state_dir, parent)
-    _private_write(path, {**data, "agent_pid": parent, "agent_start": info[1] if info else None,
+    write_private(path, {**data, "agent_pid": parent, "agent_start": info[1] if info else None,
                           "server_pid": os.getpid()})
     return path
 
@@ -100,7 +100,7 @@ def write_binding(state_dir: str, data: dict) -> str:
 def find_binding(state_dir: str, pid: int = None):
     """The session binding of the nearest ancestor that has one, checked against its start time."""
     for ancestor, started in ancestors(pid or os.getpid()):
-        data = _private_read(binding_path(state_dir, ancestor))
+        data = read_private(binding_path(state_dir, ancestor))
         if data is not None and data.get("agent_start") == started:
             return data
     return None
@@ -111,11 +111,11 @@ def ticket_path(state_dir: str, room: str, name: str) -> str:
 
 
 def write_ticket(state_dir: str, room: str, name: str, token: str) -> None:
-    _private_write(ticket_path(state_dir, room, name), {"room": room, "name": name, "token": token})
+    write_private(ticket_path(state_dir, room, name), {"room": room, "name": name, "token": token})
 
 
 def read_ticket(state_dir: str, room: str, name: str):
-    return _private_read(ticket_path(state_dir, room, name))
+    return read_private(ticket_path(state_dir, room, name))
 
 
 def list_tickets(state_dir: str) -> list:

@@ -1,18 +1,22 @@
-#!/usr/bin/env python3
-"""Register the Control Tower Lite MCP server with Claude Code (or Codex CLI, Gemini CLI, Cursor).
+"""Register Control Tower Lite with Claude Code (or Codex CLI, Gemini CLI, Cursor), and its hooks.
 
-    python3 install.py                      Claude Code, for this user (via `claude mcp add`, else ~/.claude.json)
-    python3 install.py --scope project DIR  Claude Code, DIR/.mcp.json
+    python3 install.py                      Claude Code, for this user (~/.claude.json)
+    python3 install.py --scope project DIR  Claude Code, DIR/.mcp.json (portable: no interpreter path)
     python3 install.py --client codex       ~/.codex/config.toml   (gemini: ~/.gemini/settings.json,
-                                           cursor: .cursor/mcp.json in DIR, or ~/.cursor with --scope user)
+                                            cursor: DIR/.cursor/mcp.json, or ~/.cursor with --scope user)
+    python3 install.py --hooks              also Claude Code hooks (~/.claude/settings.json; --scope project:
+                                            DIR/.claude/settings.json): locks that hold, messages that arrive
+    python3 install.py --git-hook [DIR]     a pre-commit guard for files other peers have locked
     python3 install.py --print ...          show what would be written, write nothing
-    python3 install.py --uninstall ...      remove exactly what install added
-    python3 install.py --status             where it is registered, and a real MCP handshake with it
+    python3 install.py --uninstall ...      undo: every file exactly as it was before
+    python3 install.py --status             each client: what is registered, stale or not, a real handshake
 
-Config files are edited atomically (temp file, rename), keeping every other key, with a backup
-beside them (`.ctl-backup`), and never when they cannot be parsed.
+Files are edited atomically (temp file, rename), keeping every other key and the file's own layout,
+and never when they cannot be parsed. What a file held before is kept in a 0600 receipt in the state
+directory, so --uninstall restores it byte for byte when nothing else changed it since.
 """
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -20,10 +24,18 @@ import shlex
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 
-from ctl import common, entry_command, user_command
+from ctl import CHECKOUT, common, entry_command, user_command
 
 SERVER_NAME = "ctl"     # short on purpose: it prefixes every tool name the model sees
+PLUGIN_ID = "ctl@control-tower-lite"
+HOOK_EVENTS = {         # event -> matcher (None: every occurrence)
+    "PreToolUse": "Edit|Write|MultiEdit|NotebookEdit",
+    "Stop": None,
+    "SessionStart": None,
+}
+GIT_GUARD_MARK = "# control-tower-lite git guard"
 try:
     import tomllib
 except ImportError:       # Python 3.10: written TOML is still checked by our own reader of our section
@@ -34,13 +46,43 @@ class InstallError(Exception):
     """Something is wrong with a config file or the environment; the message says what to do."""
 
 
+# ---------------------------------------------------------------- what to run
+
+
+def location_args(args) -> list:
+    """--port and --state-dir whenever they differ from the defaults (from the flags or CTL_PORT/CTL_STATE_DIR)."""
+    extra = []
+    port = common.resolve_port(args.port)
+    if port != common.DEFAULT_PORT:
+        extra += ["--port", str(port)]
+    state_dir = common.resolve_state_dir(args.state_dir)
+    if state_dir != common.resolve_state_dir(common.DEFAULT_STATE_DIR):
+        extra += ["--state-dir", state_dir]
+    return extra
+
+
+def portable_command(name: str) -> list:
+    """For files shared in a repository: the installed command if there is one, else `python3 <path>`."""
+    flat, module, script = _entry(name)
+    if shutil.which(script) and not os.path.isfile(os.path.join(CHECKOUT, flat)):
+        return [script]
+    command = entry_command(name)
+    return ["python3", *command[1:]]
+
+
+def _entry(name: str):
+    from ctl import ENTRY_POINTS
+    return ENTRY_POINTS[name]
+
+
 def server_command(args) -> list:
-    command = entry_command("mcp")
-    if args.port is not None:
-        command += ["--port", str(common.resolve_port(args.port))]
-    if args.state_dir is not None:
-        command += ["--state-dir", common.resolve_state_dir(args.state_dir)]
-    return command
+    base = portable_command("mcp") if args.scope == "project" else entry_command("mcp")
+    return base + location_args(args)
+
+
+def hook_command(args, event: str) -> str:
+    base = portable_command("hook") if args.scope == "project" else entry_command("hook")
+    return shlex.join(base + location_args(args) + [event])
 
 
 def json_entry(command: list, client: str) -> dict:
@@ -61,57 +103,64 @@ def read_text(path: str):
         raise InstallError(f"cannot read {path}: {exc}")
 
 
-def write_atomically(path: str, text: str, old_text) -> None:
-    """Back up the old file once per change, then replace it in one rename; nothing half-written."""
-    folder = os.path.dirname(path) or "."
+def write_atomically(path: str, text, mode=None) -> None:
+    """Replace the file in one rename (or remove it when text is None); nothing half-written."""
     try:
-        os.makedirs(folder, exist_ok=True)
-        if old_text is not None:
-            shutil.copy2(path, path + ".ctl-backup")
+        if text is None:
+            if os.path.exists(path):
+                os.unlink(path)
+            return
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        if mode is None:
+            mode = os.stat(path).st_mode & 0o777 if os.path.exists(path) else 0o600
         tmp = f"{path}.ctl-tmp-{os.getpid()}"
-        mode = os.stat(path).st_mode & 0o777 if old_text is not None else 0o600
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except OSError as exc:
         raise InstallError(f"cannot write {path}: {exc.strerror or exc}; check its folder's permissions")
 
 
-def load_json_config(path: str):
-    text = read_text(path)
+def load_json(path: str, text):
     if text is None or not text.strip():
-        return text, {}
+        return {}
     try:
         data = json.loads(text)
     except ValueError as exc:
         raise InstallError(f"{path} is not valid JSON ({exc}); fix or move it first, it was left untouched")
     if not isinstance(data, dict):
         raise InstallError(f"{path} does not hold a JSON object; fix or move it first, it was left untouched")
-    return text, data
+    return data
 
 
-def edit_json(path: str, entry, remove: bool) -> str:
-    """Add, replace or remove mcpServers.ctl; return what happened, in words."""
-    text, data = load_json_config(path)
-    servers = data.get("mcpServers", {})
-    if not isinstance(servers, dict):
-        raise InstallError(f"{path} has an mcpServers that is not an object; fix it first, it was left untouched")
-    if remove:
-        if SERVER_NAME not in servers:
-            return f"not registered in {path}; nothing to remove"
-        del servers[SERVER_NAME]
-        verb = "removed from"
-    else:
-        if servers.get(SERVER_NAME) == entry:
-            return f"already registered in {path}; nothing changed"
-        verb = "updated in" if SERVER_NAME in servers else "registered in"
-        servers[SERVER_NAME] = entry
-    data["mcpServers"] = servers
-    write_atomically(path, json.dumps(data, indent=2) + "\n", text)
-    return f"{verb} {path}"
+def dump_json_like(data: dict, old_text) -> str:
+    """JSON in the old file's own indentation and final newline, so the diff shows only what changed."""
+    indent = 2
+    if old_text:
+        found = re.search(r"\n([ \t]+)\S", old_text)
+        indent = found.group(1) if found else None
+    text = json.dumps(data, indent=indent, ensure_ascii=False)
+    return text + ("\n" if old_text is None or old_text.endswith("\n") else "")
+
+
+def json_edit(key: str, update):
+    """A text -> text edit of the JSON object under `key`; `update(obj)` changes it in place. Unchanged
+    content gives back the very same text, so nothing is rewritten for nothing."""
+    def edit(path, text):
+        original = load_json(path, text)
+        data = load_json(path, text)
+        holder = data.setdefault(key, {})
+        if not isinstance(holder, dict):
+            raise InstallError(f"{path} has a {key} that is not an object; fix it first, it was left untouched")
+        update(holder)
+        if holder == {} and key not in original:
+            del data[key]                               # an empty object of our own making
+        return text if data == original else dump_json_like(data, text)
+    return edit
 
 
 TOML_SECTION = re.compile(r"(?ms)^\[mcp_servers\.ctl\][^\n]*\n.*?(?=^\[|\Z)")
@@ -122,28 +171,73 @@ def codex_section(command: list) -> str:
     return f"[mcp_servers.{SERVER_NAME}]\ncommand = {quoted[0]}\nargs = [{', '.join(quoted[1:])}]\n"
 
 
-def edit_codex(path: str, command: list, remove: bool) -> str:
+def toml_edit(section):
+    def edit(path, text):
+        if text is not None and tomllib is not None:
+            try:
+                tomllib.loads(text)
+            except tomllib.TOMLDecodeError as exc:
+                raise InstallError(f"{path} is not valid TOML ({exc}); fix or move it first, it was left untouched")
+        current = text or ""
+        found = TOML_SECTION.search(current)
+        if section is None:
+            return text if not found else current[:found.start()] + current[found.end():]
+        if found and found.group(0).strip() == section.strip():
+            return text
+        if found:
+            return current[:found.start()] + section + "\n" + current[found.end():].lstrip("\n")
+        return current + ("\n" if current and not current.endswith("\n\n") else "") + section
+    return edit
+
+
+# ---------------------------------------------------------------- receipts: exact undo
+
+
+def receipt_path(state_dir: str, path: str) -> str:
+    digest = hashlib.sha256(os.path.abspath(path).encode()).hexdigest()[:24]
+    return os.path.join(state_dir, "install", f"{digest}.json")
+
+
+def change_file(path: str, edit, remove: bool, state_dir: str, mode=None) -> str:
+    """Apply an edit; on install keep what the file held before; on removal give exactly that back when
+    the file is as we left it, else remove only our part. Returns what happened, in words."""
     text = read_text(path)
-    if text is not None and tomllib is not None:
-        try:
-            tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            raise InstallError(f"{path} is not valid TOML ({exc}); fix or move it first, it was left untouched")
-    current = text or ""
-    section = codex_section(command)
-    found = TOML_SECTION.search(current)
+    new = edit(path, text)
+    receipt_file = receipt_path(state_dir, path)
+    receipt = json.loads(read_text(receipt_file) or "null")
     if remove:
-        if not found:
+        if new == text:
             return f"not registered in {path}; nothing to remove"
-        updated, verb = current[:found.start()] + current[found.end():], "removed from"
-    elif found and found.group(0).strip() == section.strip():
+        if receipt and receipt["after"] == text:
+            new = receipt["before"]
+        elif receipt and receipt["before"] is None and (new or "").strip() in ("", "{}"):
+            new = None                                  # a file we created, holding nothing else now
+        write_atomically(path, new, mode)
+        for folder in (receipt or {}).get("made_dirs", []):
+            if new is None and os.path.isdir(folder) and not os.listdir(folder):
+                os.rmdir(folder)
+        if os.path.exists(receipt_file):
+            os.unlink(receipt_file)
+        for folder in (os.path.dirname(receipt_file), state_dir):       # leave no empty folder of ours behind
+            if os.path.isdir(folder) and not os.listdir(folder):
+                os.rmdir(folder)
+        return f"removed from {path}" + (" (the file is back exactly as it was)" if receipt and receipt["after"] == text
+                                         else "")
+    if new == text:
         return f"already registered in {path}; nothing changed"
-    elif found:
-        updated, verb = current[:found.start()] + section + "\n" + current[found.end():].lstrip("\n"), "updated in"
-    else:
-        updated, verb = current + ("\n" if current and not current.endswith("\n\n") else "") + section, "registered in"
-    write_atomically(path, updated.rstrip("\n") + "\n" if updated.strip() else "", text)
-    return f"{verb} {path}"
+    made_dirs = []
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):
+        made_dirs.append(folder)
+        folder = os.path.dirname(folder)
+    write_atomically(path, new, mode)
+    original = receipt["before"] if receipt and receipt["after"] == text else text
+    kept_dirs = receipt["made_dirs"] if receipt and receipt["after"] == text else made_dirs
+    common.ensure_state_dir(state_dir)
+    os.makedirs(os.path.dirname(receipt_file), mode=0o700, exist_ok=True)
+    write_atomically(receipt_file, json.dumps({"path": path, "before": original, "after": new, "made_dirs": kept_dirs}),
+                     0o600)
+    return f"{'updated in' if receipt and receipt['after'] == text else 'registered in'} {path}"
 
 
 # ---------------------------------------------------------------- targets
@@ -153,49 +247,112 @@ def home(*parts) -> str:
     return os.path.join(os.path.expanduser("~"), *parts)
 
 
+@dataclass(frozen=True)
+class Client:
+    label: str
+    user_path: tuple          # below the home directory
+    project_path: tuple       # below the project directory (empty: no project scope)
+    kind: str                 # json | toml
+
+
+CLIENTS = {
+    "claude": Client("Claude Code", (".claude.json",), (".mcp.json",), "json"),
+    "codex": Client("Codex CLI", (".codex", "config.toml"), (), "toml"),
+    "gemini": Client("Gemini CLI", (".gemini", "settings.json"), (".gemini", "settings.json"), "json"),
+    "cursor": Client("Cursor", (".cursor", "mcp.json"), (".cursor", "mcp.json"), "json"),
+}
+
+
+def project_dir(args) -> str:
+    return os.path.abspath(args.dir or os.getcwd())
+
+
 def target_path(args) -> str:
-    project = os.path.abspath(args.dir or os.getcwd())
-    if args.client == "claude":
-        return os.path.join(project, ".mcp.json") if args.scope == "project" else home(".claude.json")
-    if args.client == "codex":
-        return home(".codex", "config.toml")
-    if args.client == "gemini":
-        return os.path.join(project, ".gemini", "settings.json") if args.scope == "project" else home(".gemini", "settings.json")
-    return home(".cursor", "mcp.json") if args.scope == "user" else os.path.join(project, ".cursor", "mcp.json")
+    client = CLIENTS[args.client]
+    if args.scope == "project":
+        if not client.project_path:
+            raise InstallError(f"{client.label} has no project-scope configuration; use --scope user")
+        return os.path.join(project_dir(args), *client.project_path)
+    return home(*client.user_path)
 
 
-def snippet(args, command: list) -> str:
-    if args.client == "codex":
-        return codex_section(command).rstrip("\n")
-    return json.dumps({"mcpServers": {SERVER_NAME: json_entry(command, args.client)}}, indent=2)
+def server_edit(args, command):
+    if CLIENTS[args.client].kind == "toml":
+        return toml_edit(None if args.uninstall else codex_section(command))
+    entry = json_entry(command, args.client)
+
+    def update(servers):
+        if args.uninstall:
+            servers.pop(SERVER_NAME, None)
+        else:
+            servers[SERVER_NAME] = entry
+    return json_edit("mcpServers", update)
 
 
-def claude_cli():
-    return shutil.which("claude")
+def settings_path(args) -> str:
+    return os.path.join(project_dir(args), ".claude", "settings.json") if args.scope == "project" \
+        else home(".claude", "settings.json")
 
 
-def install_with_claude_cli(cli: str, args, command: list) -> str:
-    """Claude Code's own CLI for user scope; a stale registration (another path) is replaced."""
-    path = home(".claude.json")
-    _, data = load_json_config(path)
-    existing = data.get("mcpServers", {}).get(SERVER_NAME) if isinstance(data.get("mcpServers"), dict) else None
+def is_ours(group) -> bool:
+    return isinstance(group, dict) and any(
+        isinstance(h, dict) and re.search(r"(hook\.py|ctl\.hooks|ctl-hook)\b", str(h.get("command", "")))
+        for h in group.get("hooks", []))
+
+
+def hooks_edit(args):
+    def update(hooks):
+        for event, matcher in HOOK_EVENTS.items():
+            groups = [g for g in hooks.get(event, []) if not is_ours(g)]
+            if not args.uninstall:
+                group = {"hooks": [{"type": "command", "command": hook_command(args, event), "timeout": 10}]}
+                groups.append({"matcher": matcher, **group} if matcher else group)
+            if groups:
+                hooks[event] = groups
+            else:
+                hooks.pop(event, None)
+    return json_edit("hooks", update)
+
+
+# ---------------------------------------------------------------- the git guard
+
+
+def git_hook_path(folder: str) -> str:
+    try:
+        hooks = subprocess.run(["git", "rev-parse", "--git-path", "hooks"], cwd=folder, capture_output=True,
+                               text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise InstallError(f"cannot run git in {folder}: {exc}")
+    if hooks.returncode != 0:
+        raise InstallError(f"{folder} is not inside a git repository")
+    return os.path.join(folder, hooks.stdout.strip(), "pre-commit")
+
+
+def git_guard_script(args) -> str:
+    command = shlex.join(entry_command("hook") + location_args(args) + ["git-pre-commit"])
+    return (f"#!/bin/sh\n{GIT_GUARD_MARK} (remove: {user_command('install')} --git-hook --uninstall)\n"
+            'if [ -x "$0.ctl-chained" ]; then "$0.ctl-chained" "$@" || exit $?; fi\n'
+            f"exec {command}\n")
+
+
+def install_git_hook(args) -> str:
+    path = git_hook_path(project_dir(args))
+    chained = path + ".ctl-chained"
+    current = read_text(path)
+    ours = current is not None and GIT_GUARD_MARK in current
     if args.uninstall:
-        if existing is None:
-            return "not registered with Claude Code; nothing to remove"
-        run_cli(cli, ["mcp", "remove", "--scope", "user", SERVER_NAME])
-        return "removed from Claude Code (claude mcp remove)"
-    if existing is not None and existing.get("command") == command[0] and existing.get("args") == command[1:]:
-        return "already registered with Claude Code; nothing changed"
-    if existing is not None:
-        run_cli(cli, ["mcp", "remove", "--scope", "user", SERVER_NAME])
-    run_cli(cli, ["mcp", "add", "--scope", "user", SERVER_NAME, "--", *command])
-    return "registered with Claude Code (claude mcp add --scope user)"
-
-
-def run_cli(cli: str, arguments: list) -> None:
-    result = subprocess.run([cli, *arguments], capture_output=True, text=True, timeout=60)
-    if result.returncode != 0:
-        raise InstallError(f"`claude {' '.join(arguments[:3])}` failed: {(result.stderr or result.stdout).strip()}")
+        if not ours:
+            return f"no git guard in {path}; nothing to remove"
+        os.unlink(path)
+        if os.path.exists(chained):
+            os.rename(chained, path)
+        return f"git guard removed from {path}" + (" (your own pre-commit hook is back in place)"
+                                                   if os.path.exists(path) else "")
+    if current is not None and not ours:
+        os.rename(path, chained)
+    write_atomically(path, git_guard_script(args), 0o755)
+    return f"git guard installed in {path}" + (" (your existing pre-commit hook still runs first)"
+                                               if os.path.exists(chained) else "")
 
 
 # ---------------------------------------------------------------- status: a real handshake
@@ -207,10 +364,9 @@ def handshake(command: list, timeout: float = 10.0) -> str:
         proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     except OSError as exc:
         return f"FAILED to start ({exc})"
-    requests = [{"jsonrpc": "2.0", "id": 1, "method": "initialize",
-                 "params": {"protocolVersion": "2025-11-25", "capabilities": {},
+    requests = [{"jsonrpc": "2.0", "id": 1, "method": "initialize",      # no `initialized`: a probe must not
+                 "params": {"protocolVersion": "2025-11-25", "capabilities": {},     # join a room or start a broker
                             "clientInfo": {"name": "ctl-install", "version": "1"}}},
-                {"jsonrpc": "2.0", "method": "notifications/initialized"},
                 {"jsonrpc": "2.0", "id": 2, "method": "tools/list"}]
     try:
         out, _ = proc.communicate("".join(json.dumps(r) + "\n" for r in requests).encode(), timeout=timeout)
@@ -228,36 +384,85 @@ def handshake(command: list, timeout: float = 10.0) -> str:
     if 1 not in replies or 2 not in replies or "result" not in replies[2]:
         return "FAILED: the MCP handshake did not complete"
     info = replies[1]["result"]["serverInfo"]
-    tools = replies[2]["result"]["tools"]
-    return f"OK: {info['name']} {info['version']} answered with {len(tools)} tools"
+    return f"answers ({info['name']} {info['version']}, {len(replies[2]['result']['tools'])} tools)"
+
+
+def plugin_installed() -> bool:
+    data = load_json("installed_plugins.json", read_text(home(".claude", "plugins", "installed_plugins.json")))
+    plugins = data.get("plugins", data)
+    return isinstance(plugins, dict) and PLUGIN_ID in plugins
+
+
+def found_entries(folder: str):
+    """(label, path, command) of every registration of ours this user has, in the home and `folder`."""
+    for name, client in CLIENTS.items():
+        places = [("user", home(*client.user_path))]
+        if client.project_path:
+            places.append(("project", os.path.join(folder, *client.project_path)))
+        for scope, path in places:
+            text = read_text(path)
+            if text is None:
+                continue
+            if client.kind == "toml":
+                section = TOML_SECTION.search(text)
+                if section:
+                    found = re.findall(r'"((?:[^"\\]|\\.)*)"', section.group(0))
+                    yield f"{client.label} ({scope})", path, [json.loads(f'"{part}"') for part in found]
+                continue
+            try:
+                servers = load_json(path, text).get("mcpServers", {})
+            except InstallError:
+                continue
+            entry = servers.get(SERVER_NAME) if isinstance(servers, dict) else None
+            if isinstance(entry, dict) and "${CLAUDE_PLUGIN_ROOT}" not in json.dumps(entry):   # a plugin's own file
+                yield f"{client.label} ({scope})", path, [entry.get("command", "")] + list(entry.get("args", []))
+
+
+def registrations(folder: str = None) -> list:
+    """One line for each place this server (or its hooks) is registered, for launch.py and the doctor."""
+    folder = folder or os.getcwd()
+    found = [f"{label} in {path}" for label, path, _ in found_entries(folder)]
+    if plugin_installed():
+        found.append(f"Claude Code plugin {PLUGIN_ID}")
+    for path in (home(".claude", "settings.json"), os.path.join(folder, ".claude", "settings.json")):
+        try:
+            hooks = load_json(path, read_text(path)).get("hooks", {})
+        except InstallError:
+            continue
+        if isinstance(hooks, dict) and any(is_ours(g) for groups in hooks.values() if isinstance(groups, list)
+                                           for g in groups):
+            found.append(f"hooks in {path}")
+    return found
+
+
+def stale_reason(command: list):
+    for part in command:
+        if part.endswith(".py") and os.path.isabs(part) and not os.path.exists(part):
+            return f"STALE: {part} no longer exists; run {user_command('install')} again"
+    if command and os.path.isabs(command[0]) and not os.path.exists(command[0]):
+        return f"STALE: the interpreter {command[0]} no longer exists; run {user_command('install')} again"
+    return None
 
 
 def status(args) -> int:
-    print(f"Server name: {SERVER_NAME}; this copy: {shlex.join(entry_command('mcp'))}")
-    found = False
-    places = [("Claude Code (user)", home(".claude.json")),
-              ("Claude Code (project)", os.path.join(os.path.abspath(args.dir or os.getcwd()), ".mcp.json")),
-              ("Gemini CLI", home(".gemini", "settings.json")), ("Cursor (user)", home(".cursor", "mcp.json")),
-              ("Cursor (project)", os.path.join(os.path.abspath(args.dir or os.getcwd()), ".cursor", "mcp.json"))]
-    for label, path in places:
-        try:
-            _, data = load_json_config(path)
-        except InstallError as exc:
-            print(f"  {label}: {exc}")
-            continue
-        entry = data.get("mcpServers", {}).get(SERVER_NAME) if isinstance(data.get("mcpServers"), dict) else None
-        if entry:
-            found = True
-            command = [entry.get("command", "")] + list(entry.get("args", []))
-            script = next((part for part in command if part.endswith("mcp_server.py")), None)
-            stale = f" (STALE: that file no longer exists; run {user_command('install')} again)" \
-                if script and not os.path.exists(script) else ""
-            print(f"  {label}: {path}{stale}\n    {' '.join(command)}\n    handshake: {handshake(command)}")
-    codex = read_text(home(".codex", "config.toml")) or ""
-    if TOML_SECTION.search(codex):
-        found = True
-        print(f"  Codex CLI: {home('.codex', 'config.toml')}")
-    if not found:
+    folder = project_dir(args)
+    port, state_dir = common.resolve_port(args.port), common.resolve_state_dir(args.state_dir)
+    running = common.broker_running(port, state_dir)
+    print(f"Broker on port {port}: {'running' if running else 'not running (sessions start it on first use)'}")
+    entries = list(found_entries(folder))
+    plugin = plugin_installed()
+    for label, path, command in entries:
+        verdict = stale_reason(command) or handshake(command)
+        print(f"  {label}: {path}\n    {shlex.join(command)}\n    {verdict}")
+    if plugin:
+        print(f"  Claude Code plugin: {PLUGIN_ID} is installed (its own server and hooks)")
+        if any(label.startswith("Claude Code") for label, _, _ in entries):
+            print(f"    DOUBLED: Claude Code also has an install.py registration; remove one: "
+                  f"{user_command('install')} --uninstall")
+    for line in registrations(folder):
+        if line.startswith("hooks in"):
+            print(f"  {line}")
+    if not entries and not plugin:
         print(f"  not registered anywhere; run: {user_command('install')}")
         return 1
     return 0
@@ -268,11 +473,13 @@ def status(args) -> int:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Register Control Tower Lite's MCP server with your coding agent.")
-    parser.add_argument("--client", choices=("claude", "codex", "gemini", "cursor"), default="claude")
+    parser.add_argument("--client", choices=tuple(CLIENTS), default="claude")
     parser.add_argument("--scope", choices=("user", "project"), default=None,
                         help="user (default; cursor: project) or project")
-    parser.add_argument("dir", nargs="?", help="project directory for --scope project (default: here)")
-    parser.add_argument("--uninstall", action="store_true", help="remove the registration")
+    parser.add_argument("dir", nargs="?", help="project directory for --scope project and --git-hook (default: here)")
+    parser.add_argument("--hooks", action="store_true", help="also install the Claude Code hooks")
+    parser.add_argument("--git-hook", action="store_true", help="install (or remove) the git pre-commit guard only")
+    parser.add_argument("--uninstall", action="store_true", help="remove what install added")
     parser.add_argument("--status", action="store_true", help="show registrations and test them")
     parser.add_argument("--print", dest="print_only", action="store_true", help="print the config, write nothing")
     common.add_location_args(parser)
@@ -280,26 +487,37 @@ def main(argv=None) -> int:
     if args.scope is None:
         args.scope = "project" if args.client == "cursor" else "user"
     try:
+        state_dir = common.resolve_state_dir(args.state_dir)
         if args.status:
             return status(args)
-        command = server_command(args)
-        if args.print_only:
-            print(f"# {target_path(args)}\n{snippet(args, command)}")
+        if args.git_hook:
+            print(f"Control Tower Lite: {install_git_hook(args)}.")
             return 0
-        cli = claude_cli() if args.client == "claude" and args.scope == "user" else None
-        if cli:
-            outcome = install_with_claude_cli(cli, args, command)
-        elif args.client == "codex":
-            outcome = edit_codex(target_path(args), command, args.uninstall)
-        else:
-            entry = None if args.uninstall else json_entry(command, args.client)
-            outcome = edit_json(target_path(args), entry, args.uninstall)
+        command = server_command(args)
+        path = target_path(args)
+        edit = server_edit(args, command)
+        if args.print_only:
+            print(f"# {path}\n{edit(path, None).rstrip()}")
+            if args.hooks:
+                print(f"# {settings_path(args)}\n{hooks_edit(args)(settings_path(args), None).rstrip()}")
+            return 0
+        if args.client == "claude" and not args.uninstall and plugin_installed():
+            print(f"Control Tower Lite is already provided by the Claude Code plugin {PLUGIN_ID}; nothing written "
+                  "(two registrations would double every tool).")
+            return 0
+        outcomes = [change_file(path, edit, args.uninstall, state_dir)]
+        if args.hooks or (args.uninstall and args.client == "claude"):
+            hooks_path = settings_path(args)
+            outcome = change_file(hooks_path, hooks_edit(args), args.uninstall, state_dir)
+            if args.hooks or not outcome.startswith("not registered"):
+                outcomes.append(outcome.replace("registered in", "hooks in", 1).replace("removed from", "hooks removed from", 1))
     except (InstallError, common.StateError) as exc:
         print(f"install: {exc}", file=sys.stderr)
         return 1
-    print(f"Control Tower Lite MCP server '{SERVER_NAME}' {outcome}.")
+    for outcome in outcomes:
+        print(f"Control Tower Lite: {outcome}.")
     if not args.uninstall:
-        agent = {"claude": "Claude Code", "codex": "Codex", "gemini": "Gemini CLI", "cursor": "Cursor"}[args.client]
+        agent = CLIENTS[args.client].label
         print(f"Next: {user_command('launch')} (starts the broker, opens the dashboard); then open {agent} "
               "in each project and ask it to join the room.")
     return 0

@@ -7,18 +7,20 @@
     python3 launch.py --observer    print a read-only dashboard URL
     python3 launch.py --stop        stop the broker this state directory runs
     python3 launch.py --foreground  run the broker attached, for debugging
+    python3 launch.py --help        every operation: --archive-room, --backup, --restore, --export, --doctor, ...
 
 The dashboard URL carries the operator token in its fragment (after '#'), which browsers never
 send to a server, so it reaches no log.
 """
 import argparse
+import html
 import os
 import signal
 import sys
 import time
 import webbrowser
 
-from ctl import common, entry_command, user_command
+from ctl import common, entry_command, operations, user_command
 from ctl.common import BrokerClient, BrokerUnavailable, StateError, broker_running
 
 
@@ -65,8 +67,11 @@ def stop(port: int, state_dir: str) -> int:
 
 
 def status(port: int, state_dir: str) -> int:
-    if not broker_running(port, state_dir):
-        print(f"No broker answers on port {port}; start it with: {user_command('launch')}")
+    answer = operations.what_answers(port, state_dir)
+    if answer != "ours":
+        print(f"No Control Tower broker answers on port {port}: {answer} does"
+              + (f". Start one with: {user_command('launch')}" if answer == "nothing" else
+                 "; stop it or choose another port (CTL_PORT, --port)."))
         return 1
     client = operator_client(port, state_dir)
     try:
@@ -113,40 +118,131 @@ def client_ok(client: BrokerClient, method: str, path: str, body=None) -> dict:
     return data
 
 
+def open_dashboard(port: int, state_dir: str, url: str) -> bool:
+    """Open the browser on a 0600 redirect file, as Jupyter does, so the token never sits in a command
+    line that every local user can read in /proc."""
+    path = os.path.join(state_dir, "open-dashboard.html")
+    page = (f'<!doctype html><meta charset="utf-8"><meta http-equiv="refresh" content="0;url={html.escape(url)}">'
+            f'<title>Control Tower Lite</title><a href="{html.escape(url)}">Open the dashboard</a>\n')
+    fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(page)
+    os.replace(path + ".tmp", path)
+    return webbrowser.open(f"file://{path}")
+
+
+def registered_anywhere() -> list:
+    from ctl import install
+    return install.registrations()
+
+
+def launch(port: int, state_dir: str, args) -> int:
+    start(port, state_dir)
+    url = dashboard_url(port, common.read_secret(state_dir, common.OPERATOR_TOKEN_FILE))
+    print(f"Dashboard (operator; keep this URL private): {url}")
+    if not args.no_browser and not open_dashboard(port, state_dir, url):
+        print("Could not open a browser; paste the URL into one.")
+    found = registered_anywhere()
+    if not found:
+        print("\n!! No agent will talk to this broker yet: the MCP server is not registered with Claude Code."
+              f"\n!! Register it once:  {user_command('install')}" + (f" --port {port}" if port != common.DEFAULT_PORT else "")
+              + "\n!! (or install the plugin: claude plugin marketplace add <this checkout>; "
+              "claude plugin install ctl@control-tower-lite)")
+        return 0
+    print(f"Registered with: {'; '.join(found)}.")
+    print("Next: open Claude Code in each project; tell one session to join as the architect.")
+    return 0
+
+
+def observer(port: int, state_dir: str, args) -> int:
+    start(port, state_dir)
+    print(f"Read-only dashboard: {dashboard_url(port, common.read_secret(state_dir, common.OBSERVER_TOKEN_FILE))}")
+    return 0
+
+
+def archive_room(port: int, state_dir: str, args) -> int:
+    client = operator_client(port, state_dir)
+    try:
+        rooms = [r for r in client_ok(client, "GET", "/rooms")["rooms"] if not r["archived"]]
+        match = [r for r in rooms if r["name"] == args.archive_room]
+        if not match:
+            raise StateError(f"no open room named {args.archive_room}; open rooms: "
+                             + (", ".join(r["name"] for r in rooms) or "none"))
+        client_ok(client, "POST", "/operator/archive", {"room": match[0]["id"]})
+    finally:
+        client.close()
+    print(f"Archived room {args.archive_room}: its peers were told, its history stays readable on the dashboard; "
+          "the project's next session starts a fresh room.")
+    return 0
+
+
+def rotate_tokens(port: int, state_dir: str, args) -> int:
+    """New operator and observer tokens; a running broker is restarted to take them (sessions rejoin)."""
+    common.ensure_state_dir(state_dir, create=False)
+    running = broker_running(port, state_dir)
+    if running:
+        stop(port, state_dir)
+    for name in (common.OPERATOR_TOKEN_FILE, common.OBSERVER_TOKEN_FILE):
+        common.write_secret(state_dir, name)
+    print("New operator and observer tokens written; old dashboard URLs no longer work.")
+    if running:
+        start(port, state_dir)
+        print(f"Dashboard: {dashboard_url(port, common.read_secret(state_dir, common.OPERATOR_TOKEN_FILE))}")
+    return 0
+
+
+def run_doctor(port: int, state_dir: str, args) -> int:
+    checks = operations.doctor(port, state_dir, registered_anywhere())
+    for ok, what, fix in checks:
+        print(f"{'ok ' if ok else 'FIX'} {printable(what)}" + ("" if ok else f"\n    -> {fix}"))
+    return 0 if all(ok for ok, _, _ in checks) else 1
+
+
+def foreground(port: int, state_dir: str, args) -> int:
+    command = entry_command("broker")
+    os.execv(command[0], command + ["--port", str(port), "--state-dir", state_dir])
+
+
+ACTIONS = {   # option -> (what it does, handler(port, state_dir, args))
+    "status": ("print every open room at a glance", lambda port, state_dir, args: status(port, state_dir)),
+    "stop": ("stop the broker", lambda port, state_dir, args: stop(port, state_dir)),
+    "foreground": ("run the broker attached to this terminal", foreground),
+    "observer": ("print a read-only dashboard URL", observer),
+    "archive_room": ("archive the open room NAME: its history stays readable, the project starts fresh", archive_room),
+    "backup": ("write an online, consistent copy of the database to FILE (0600)",
+               lambda port, state_dir, args: print(operations.backup(state_dir, args.backup))),
+    "restore": ("bring back a backup FILE (stop the broker first)",
+                lambda port, state_dir, args: print(operations.restore(state_dir, args.restore, recorded_pid(state_dir)))),
+    "export": ("write each room's history to DIR as JSON Lines and a Markdown transcript (--room NAME for one)",
+               lambda port, state_dir, args: print(operations.export(state_dir, args.export, args.room))),
+    "doctor": ("check the installation and say how to fix what is wrong", run_doctor),
+    "rotate_tokens": ("replace the operator and observer tokens", rotate_tokens),
+}
+WITH_VALUE = {"archive_room": "NAME", "backup": "FILE", "restore": "FILE", "export": "DIR"}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Start Control Tower Lite and open its dashboard.")
     common.add_location_args(parser)
     action = parser.add_mutually_exclusive_group()
-    action.add_argument("--status", action="store_true", help="print the room at a glance")
-    action.add_argument("--stop", action="store_true", help="stop the broker")
-    action.add_argument("--foreground", action="store_true", help="run the broker attached to this terminal")
-    action.add_argument("--observer", action="store_true", help="print a read-only dashboard URL")
+    for name, (description, _) in ACTIONS.items():
+        flag = "--" + name.replace("_", "-")
+        if name in WITH_VALUE:
+            action.add_argument(flag, metavar=WITH_VALUE[name], help=description)
+        else:
+            action.add_argument(flag, action="store_true", help=description)
+    parser.add_argument("--room", help="with --export: only the room of this name")
     parser.add_argument("--no-browser", action="store_true", help="do not open a browser")
     args = parser.parse_args(argv)
+    chosen = next((name for name in ACTIONS if getattr(args, name) not in (None, False)), None)
     try:
         port = common.resolve_port(args.port)
         state_dir = common.resolve_state_dir(args.state_dir)
-        if args.foreground:
-            command = entry_command("broker")
-            os.execv(command[0], command + ["--port", str(port), "--state-dir", state_dir])
-        if args.status:
-            return status(port, state_dir)
-        if args.stop:
-            return stop(port, state_dir)
-        start(port, state_dir)
-        if args.observer:
-            key = common.read_secret(state_dir, common.HMAC_KEY_FILE)
-            print(f"Read-only dashboard: {dashboard_url(port, common.TokenSigner(key).observer_token())}")
-            return 0
-        url = dashboard_url(port, common.read_secret(state_dir, common.OPERATOR_TOKEN_FILE))
-    except (StateError, BrokerUnavailable, OSError) as exc:
+        handler = ACTIONS[chosen][1] if chosen else launch
+        return handler(port, state_dir, args) or 0
+    except (StateError, BrokerUnavailable, operations.OperationError, OSError) as exc:
         print(f"launch: {exc}", file=sys.stderr)
         return 1
-    print(f"Dashboard (operator; keep this URL private): {url}")
-    if not args.no_browser and not webbrowser.open(url):
-        print("Could not open a browser; paste the URL into one.")
-    print("Next: open Claude Code in each project; tell one session to join as the architect.")
-    return 0
 
 
 if __name__ == "__main__":

@@ -22,10 +22,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from urllib.parse import quote
 
+import ctl
 from ctl import common, entry_command, identity, user_command
+from ctl.render import fence, render_messages, when
 from ctl.common import BrokerClient, BrokerUnavailable, StateError
 
-VERSION = "0.1.0"
+
 PROTOCOL_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")
 BATCHING_VERSIONS = ("2025-03-26",)
 
@@ -45,30 +47,6 @@ def log(message: str) -> None:
 
 class ToolRefusal(Exception):
     """A refused call: shown to the model as an isError result with one line on what to do instead."""
-
-
-# ---------------------------------------------------------------- rendering peer text
-
-
-def fence(lines: list, nonce: str, label: str = "") -> str:
-    """Peer-written text inside a fence the writer could not have guessed; look-alike fences defanged."""
-    body = "\n".join(re.sub(r"(<<<|>>>)", lambda m: " ".join(m.group(1)), line) for line in lines)
-    tag = f" {label}" if label else ""
-    return f"<<<peer-text {nonce}{tag}\n{body}\npeer-text {nonce}>>>"
-
-
-def when(timestamp: float) -> str:
-    return time.strftime("%H:%M:%S", time.localtime(timestamp))
-
-
-def render_messages(messages: list) -> str:
-    nonce = secrets.token_hex(6)
-    parts = []
-    for m in messages:
-        flag = f", FLAGGED by the filter (rule {m['flagged']})" if m.get("flagged") else ""
-        parts.append(f"#{m['id']} from {m['from']} ({m['from_role']}, {m['origin']}) to {m['to']}, "
-                     f"{m['category']}{flag}, {when(m['at'])}:\n{fence(m['content'].splitlines() or [''], nonce)}")
-    return "\n".join(parts)
 
 
 # ---------------------------------------------------------------- the session's identity
@@ -191,8 +169,9 @@ class Session:
         return shlex.join(command)
 
     def ensure_joined(self) -> None:
-        if self.token is None:
-            self.join()
+        with self.lock:
+            if self.token is None:
+                self.join()
 
     ENDINGS = {"kicked": "the human removed this session from the room; stop and ask the human",
                "room_archived": "the human archived this room; stop and report. Calling join starts a fresh room"}
@@ -262,7 +241,7 @@ class Session:
             if self.token is None or self.ended:
                 continue
             try:
-                answer = self.ok("POST", "/heartbeat", {"reach": "push" if self.push_enabled else "tool"})
+                answer = self.ok("POST", "/heartbeat", {"reach": "push"} if self.push_enabled else {})
                 if "token" in answer:
                     self.adopt_token(answer["token"])
             except ToolRefusal as refusal:
@@ -706,7 +685,7 @@ class Server:
         self.session.push_enabled = self.push_wanted()
         return {"protocolVersion": self.protocol,
                 "capabilities": {"tools": {"listChanged": False}, "experimental": {"claude/channel": {}}},
-                "serverInfo": {"name": "control-tower-lite", "title": "Control Tower Lite", "version": VERSION},
+                "serverInfo": {"name": "control-tower-lite", "title": "Control Tower Lite", "version": ctl.VERSION},
                 "instructions": INSTRUCTIONS}
 
     def push_wanted(self) -> bool:
@@ -720,8 +699,18 @@ class Server:
         return isinstance(experimental, dict) and "claude/channel" in experimental
 
     def initialized(self, params: dict) -> None:
+        """Join at once, in the background: the edit hooks need this session's identity from its first edit."""
+        threading.Thread(target=self.join_early, daemon=True, name="join").start()
+
+    def join_early(self) -> None:
+        try:
+            self.session.ensure_joined()
+        except ToolRefusal as refusal:
+            log(f"joining at start failed (the first tool call will retry): {refusal}")
+        except Exception as exc:
+            log(f"joining at start failed (the first tool call will retry): {exc!r}")
         if self.session.push_enabled:
-            threading.Thread(target=self.push_forever, daemon=True, name="push").start()
+            self.push_forever()
 
     def cancel(self, params: dict) -> None:
         request_id = params.get("requestId")

@@ -32,34 +32,54 @@ class InstallTest(unittest.TestCase):
         with open(os.path.join(self.home, *parts)) as handle:
             return json.load(handle)
 
+    def snapshot(self, *folders):
+        """Every file under the folders, with its bytes: what "leaves nothing behind" compares."""
+        found = {}
+        for folder in folders:
+            for top, dirs, files in os.walk(folder):
+                for name in dirs:
+                    found[os.path.join(top, name) + "/"] = None
+                for name in files:
+                    with open(os.path.join(top, name), "rb") as handle:
+                        found[os.path.join(top, name)] = handle.read()
+        return found
+
     def test_fresh_file_second_run_and_uninstall(self):
+        before = self.snapshot(self.home)
         result = self.run_install()
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertIn("registered in", result.stdout)
         entry = self.read_json(".claude.json")["mcpServers"]["ctl"]
         self.assertEqual((entry["type"], entry["command"], entry["args"]), ("stdio", sys.executable, [MCP]))
-        before = os.stat(os.path.join(self.home, ".claude.json")).st_mtime_ns
+        stamp = os.stat(os.path.join(self.home, ".claude.json")).st_mtime_ns
         again = self.run_install()
         self.assertIn("nothing changed", again.stdout)
-        self.assertEqual(os.stat(os.path.join(self.home, ".claude.json")).st_mtime_ns, before)
+        self.assertEqual(os.stat(os.path.join(self.home, ".claude.json")).st_mtime_ns, stamp)
         removed = self.run_install("--uninstall")
         self.assertIn("removed", removed.stdout)
-        self.assertEqual(self.read_json(".claude.json")["mcpServers"], {})
+        self.assertEqual(self.snapshot(self.home), before, "a file install created is gone again, no backups left")
 
-    def test_existing_file_keeps_other_keys_and_gets_a_backup(self):
-        original = {"theme": "dark", "projects": {"/x": {"allowedTools": []}},
-                    "mcpServers": {"other": {"command": "other-server"}}}
+    def test_existing_file_keeps_its_layout_and_comes_back_byte_identical(self):
+        original = json.dumps({"theme": "dark", "projects": {"/x": {"allowedTools": []}},
+                               "mcpServers": {"other": {"command": "other-server"}}}, indent=4)
         with open(os.path.join(self.home, ".claude.json"), "w") as handle:
-            json.dump(original, handle)
+            handle.write(original)
+        before = self.snapshot(self.home)
         self.assertEqual(self.run_install("--port", "7999").returncode, 0)
         data = self.read_json(".claude.json")
         self.assertEqual(data["theme"], "dark")
-        self.assertEqual(data["projects"], original["projects"])
         self.assertEqual(data["mcpServers"]["other"], {"command": "other-server"})
         self.assertEqual(data["mcpServers"]["ctl"]["args"], [MCP, "--port", "7999"])
-        self.assertEqual(self.read_json(".claude.json.ctl-backup"), original)
+        with open(os.path.join(self.home, ".claude.json")) as handle:
+            self.assertIn('\n    "theme": "dark"', handle.read(), "the file keeps its own indentation")
+        self.assertEqual([p for p in os.listdir(self.home) if "backup" in p], [])
         self.run_install("--uninstall")
-        self.assertEqual(self.read_json(".claude.json")["mcpServers"], {"other": {"command": "other-server"}})
+        self.assertEqual(self.snapshot(self.home), before)
+
+    def test_ctl_port_is_recorded(self):
+        self.env["CTL_PORT"] = "7555"
+        self.run_install()
+        self.assertEqual(self.read_json(".claude.json")["mcpServers"]["ctl"]["args"], [MCP, "--port", "7555"])
 
     def test_malformed_file_is_never_overwritten(self):
         path = os.path.join(self.home, ".claude.json")
@@ -79,47 +99,85 @@ class InstallTest(unittest.TestCase):
         self.assertRegex(result.stderr, r"cannot (read|write) .*a-file")
         self.assertNotIn("Traceback", result.stderr)
 
-    def test_project_scope(self):
+    def test_project_scope_is_portable_and_minimal(self):
         project = os.path.join(self.home, "proj")
         os.makedirs(project)
+        existing = '{\n  "mcpServers": {\n    "db": {\n      "command": "db-mcp"\n    }\n  }\n}\n'
+        with open(os.path.join(project, ".mcp.json"), "w") as handle:
+            handle.write(existing)
+        before = self.snapshot(self.home)
         self.assertEqual(self.run_install("--scope", "project", project).returncode, 0)
-        self.assertEqual(self.read_json("proj", ".mcp.json")["mcpServers"]["ctl"]["args"], [MCP])
+        with open(os.path.join(project, ".mcp.json")) as handle:
+            written = handle.read()
+        entry = json.loads(written)["mcpServers"]["ctl"]
+        self.assertEqual((entry["command"], entry["args"]), ("python3", [MCP]), "no machine-specific interpreter")
+        old_lines, new_lines = existing.splitlines(), written.splitlines()
+        self.assertTrue(all(line in new_lines for line in old_lines[:-2]), "only lines added: a minimal diff")
         self.assertFalse(os.path.exists(os.path.join(self.home, ".claude.json")))
+        self.run_install("--scope", "project", project, "--uninstall")
+        self.assertEqual(self.snapshot(self.home), before)
 
-    def test_other_clients(self):
-        self.assertEqual(self.run_install("--client", "gemini").returncode, 0)
-        self.assertEqual(self.read_json(".gemini", "settings.json")["mcpServers"]["ctl"]["command"], sys.executable)
+    def test_every_client_uninstalls_to_byte_identical_files(self):
         project = os.path.join(self.home, "cur")
         os.makedirs(project)
-        self.assertEqual(self.run_install("--client", "cursor", project).returncode, 0)
-        self.assertEqual(self.read_json("cur", ".cursor", "mcp.json")["mcpServers"]["ctl"]["args"], [MCP])
         codex_path = os.path.join(self.home, ".codex", "config.toml")
         os.makedirs(os.path.dirname(codex_path))
         with open(codex_path, "w") as handle:
             handle.write('model = "o4"\n\n[mcp_servers.other]\ncommand = "x"\n')
-        self.assertEqual(self.run_install("--client", "codex").returncode, 0)
-        self.assertIn("nothing changed", self.run_install("--client", "codex").stdout)
+        cases = [("--client", "gemini"), ("--client", "cursor", project), ("--client", "cursor", "--scope", "user"),
+                 ("--client", "codex"), ("--client", "gemini", "--scope", "project", project), (), ("--hooks",)]
+        for case in cases:
+            before = self.snapshot(self.home)
+            result = self.run_install(*case)
+            self.assertEqual(result.returncode, 0, (case, result.stderr))
+            self.assertNotEqual(self.snapshot(self.home), before, case)
+            self.assertIn("nothing changed", self.run_install(*case).stdout, case)
+            self.run_install(*case, "--uninstall")
+            self.assertEqual(self.snapshot(self.home), before, case)
+        self.run_install("--client", "codex")
         with open(codex_path) as handle:
             text = handle.read()
         self.assertIn('model = "o4"', text)
-        self.assertIn("[mcp_servers.other]", text)
         self.assertIn(f'command = {json.dumps(sys.executable)}', text)
         if sys.version_info >= (3, 11):
             import tomllib
             self.assertEqual(tomllib.loads(text)["mcp_servers"]["ctl"]["args"], [MCP])
-        self.run_install("--client", "codex", "--uninstall")
-        with open(codex_path) as handle:
-            self.assertNotIn("mcp_servers.ctl", handle.read())
-        printed = self.run_install("--client", "gemini", "--print")
-        self.assertIn('"ctl"', printed.stdout)
+        self.assertIn('"ctl"', self.run_install("--client", "gemini", "--print").stdout)
+
+    def test_hooks_are_installed_idempotently_and_removed_exactly(self):
+        settings = os.path.join(self.home, ".claude", "settings.json")
+        os.makedirs(os.path.dirname(settings))
+        mine = {"hooks": {"PreToolUse": [{"matcher": "Bash", "hooks": [{"type": "command", "command": "my-guard"}]}]},
+                "model": "opus"}
+        with open(settings, "w") as handle:
+            json.dump(mine, handle, indent=2)
+        before = self.snapshot(self.home)
+        self.assertEqual(self.run_install("--hooks").returncode, 0)
+        hooks = self.read_json(".claude", "settings.json")["hooks"]
+        self.assertEqual(set(hooks), {"PreToolUse", "Stop", "SessionStart"})
+        self.assertEqual(hooks["PreToolUse"][0]["hooks"][0]["command"], "my-guard", "the user's own hook stays")
+        ours = hooks["PreToolUse"][1]
+        self.assertEqual(ours["matcher"], "Edit|Write|MultiEdit|NotebookEdit")
+        self.assertIn("hook.py", ours["hooks"][0]["command"])
+        self.assertTrue(ours["hooks"][0]["command"].endswith("PreToolUse"))
+        self.assertIn("nothing changed", self.run_install("--hooks").stdout)
+        self.assertIn("hooks in", self.run_install("--status").stdout)
+        with open(os.path.join(ROOT, "hooks", "hooks.json")) as handle:
+            plugin = json.load(handle)["hooks"]
+        self.assertEqual({e: [g.get("matcher") for g in groups] for e, groups in plugin.items()},
+                         {e: [g.get("matcher") for g in hooks[e] if "hook.py" in json.dumps(g)] for e in hooks},
+                         "the plugin and install.py install the same hooks")
+        self.run_install("--uninstall")
+        self.assertEqual(self.snapshot(self.home), before)
 
     def test_status_runs_a_real_handshake(self):
         self.assertEqual(self.run_install("--status").returncode, 1)
         self.run_install()
         result = self.run_install("--status")
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
-        self.assertIn("handshake: OK", result.stdout)
+        self.assertIn("answers (control-tower-lite", result.stdout)
         self.assertIn("11 tools", result.stdout)
+        self.assertIn("not running", result.stdout)
 
 
 class LaunchTest(unittest.TestCase):

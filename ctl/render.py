@@ -1,0 +1,27 @@
+"""Peer-written text as a model sees it: inside a fence with a nonce the writer could not guess, with the
+broker's provenance (sender, role, origin, category, time, filter flag) outside it. One place, so the MCP
+server, the watcher and the hooks show messages exactly alike."""
+import re
+import secrets
+import time
+
+
+def fence(lines: list, nonce: str, label: str = "") -> str:
+    """Peer-written text inside a fence the writer could not have guessed; look-alike fences defanged."""
+    body = "\n".join(re.sub(r"(<<<|>>>)", lambda m: " ".join(m.group(1)), line) for line in lines)
+    tag = f" {label}" if label else ""
+    return f"<<<peer-text {nonce}{tag}\n{body}\npeer-text {nonce}>>>"
+
+
+def when(timestamp: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(timestamp))
+
+
+def render_messages(messages: list) -> str:
+    nonce = secrets.token_hex(6)
+    parts = []
+    for m in messages:
+        flag = f", FLAGGED by the filter (rule {m['flagged']})" if m.get("flagged") else ""
+        parts.append(f"#{m['id']} from {m['from']} ({m['from_role']}, {m['origin']}) to {m['to']}, "
+                     f"{m['category']}{flag}, {when(m['at'])}:\n{fence(m['content'].splitlines() or [''], nonce)}")
+    return "\n".join(parts)
