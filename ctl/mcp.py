@@ -60,6 +60,7 @@ class Session:
         self.root = identity.project_root(cwd)
         self.room_request = os.environ.get("CTL_ROOM") or None   # a room name shared on purpose, else the root
         self.name = os.environ.get("CTL_NAME") or identity.default_name(cwd)
+        self.wanted_name = self.name            # what the session asked to be called, for telling it what it got
         self.first_role = os.environ.get("CTL_ROLE") or None      # asked for on the first join only
         self.summary = ""
         self.token = None
@@ -137,7 +138,6 @@ class Session:
             self.joined_once = True
             identity.write_ticket(self.state_dir, self.room_name, self.name, self.watch_token)
             self.adopt_token(self.token)
-            data["asked_name"] = chosen
             return data
 
     def adopt_token(self, token: str) -> None:
@@ -322,8 +322,9 @@ def t_join(session, args):
               "peers": peers}
     others = ", ".join(f"{p['name']} ({p['role']})" for p in peers) or "nobody else yet"
     text = f"Joined room {data['room_name']} as {data['name']} ({data['role']}). In the room: {others}."
-    if data["name"] != data["asked_name"]:
-        text += (f"\n{data['asked_name']} was taken or reserved, so you are {data['name']}; "
+    asked = args.get("name") or session.wanted_name
+    if data["name"] != asked:
+        text += (f"\n{asked} was taken or reserved, so you are {data['name']}; "
                  "choose a name with join(name=...) or CTL_NAME.")
     if not session.push_enabled:
         result["watch"] = session.watch_command()
