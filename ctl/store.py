@@ -866,6 +866,8 @@ class Store:
                                                     (peer["id"],)).fetchone()[0] >= LIMITS["locks_per_peer"]:
                 raise ApiError(507, "too_many_locks", f"you hold {LIMITS['locks_per_peer']} locks, the most one "
                                                       "peer may; unlock files you are done with")
+            if existing is not None and reason.startswith("auto: "):
+                reason = existing["reason"]         # an edit never turns a lock taken on purpose into an automatic one
             display = os.path.relpath(real, os.path.realpath(peer["root"]))
             self.db.execute("INSERT OR REPLACE INTO locks(room_id, path, display, holder_id, reason, acquired_at) "
                             "VALUES(?,?,?,?,?,?)", (room_id, real, display, peer["id"], reason,

@@ -20,6 +20,8 @@ from ctl import launch  # noqa: E402
 
 BROKER = os.path.join(ROOT, "broker.py")
 MCP_SERVER = os.path.join(ROOT, "mcp_server.py")
+HOOK = os.path.join(ROOT, "hook.py")
+AGENT_SHIM = os.path.join(ROOT, "tests", "agent_shim.py")
 
 
 def free_port() -> int:
@@ -232,11 +234,18 @@ class BrokerTestCase(unittest.TestCase):
 class McpSession:
     """`mcp_server.py` as a subprocess, driven over stdio with newline-delimited JSON-RPC."""
 
-    def __init__(self, broker, cwd, env=None, name=None):
+    def __init__(self, broker, cwd, env=None, name=None, agent=False):
+        """With `agent`, the server runs under a stand-in for Claude Code that can also run hooks."""
         self.env = {**broker.env, **(env or {})}
+        self.cwd = cwd
         if name:
             self.env["CTL_NAME"] = name
-        self.proc = subprocess.Popen([sys.executable, MCP_SERVER], cwd=cwd, env=self.env,
+        command = [sys.executable, MCP_SERVER]
+        self.agent_socket = None
+        if agent:
+            self.agent_socket = os.path.join(tempfile.mkdtemp(prefix="ctl-agent-"), "agent.sock")
+            command = [sys.executable, AGENT_SHIM, self.agent_socket] + command
+        self.proc = subprocess.Popen(command, cwd=cwd, env=self.env,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.next_id = 0
         self.lines = []
@@ -307,6 +316,29 @@ class McpSession:
         if result.get("isError"):
             raise AssertionError(f"{tool} {arguments} failed: {result['content'][0]['text']}")
         return result["structuredContent"]
+
+    def hook(self, event, payload=None, env=None, extra_args=()):
+        """Run hook.py as Claude Code would, as a child of this session's agent: the documented JSON on
+        stdin; returns (exit code, parsed stdout or None, stderr)."""
+        deadline = time.time() + 10
+        while not os.path.exists(self.agent_socket) and time.time() < deadline:
+            time.sleep(0.02)
+        request = {"argv": [sys.executable, HOOK, *extra_args, event], "cwd": self.cwd,
+                   "stdin": json.dumps({"session_id": "test-session", "cwd": self.cwd, "hook_event_name": event,
+                                        **(payload or {})}),
+                   "env": {"CTL_PORT": self.env["CTL_PORT"], "CTL_STATE_DIR": self.env["CTL_STATE_DIR"], **(env or {})}}
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(60)
+            sock.connect(self.agent_socket)
+            sock.sendall(json.dumps(request).encode() + b"\n")
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        reply = json.loads(data)
+        return reply["code"], (json.loads(reply["stdout"]) if reply["stdout"].strip() else None), reply["stderr"]
 
     def close(self, timeout=10.0):
         if self.proc.poll() is None:
