@@ -59,7 +59,8 @@ FLAG_RULES = {
         r"\b(?:ignore|disregard|forget|override|bypass)\b[^.\n]{0,40}?\b(?:previous|prior|above|earlier|preceding|"
         r"all|your|any|system)\b[^.\n]{0,20}?\b(?:instructions?|prompts?|directions|rules|guidelines|context)\b"
         r"|\bnew instructions? (?:from|by) (?:the )?(?:human|operator|system|user|admin|developer)"
-        r"|\byou are now (?:a|an|in|the|my|no longer)\b"
+        r"|\byou are now (?:a|an|in|my|no longer|free|unrestricted|jailbroken|dan|the (?:system|admin|operator|root|"
+        r"architect|developer|human))\b"
         r"|\breveal (?:your |the )?(?:system prompt|hidden instructions|instructions)"),
     "role-marker": re.compile(r"(?:^|\n|[.!?] )(?:human|assistant) ?:"),
     "provenance-imitation": re.compile(r"(?:^|\n) ?\[ ?(?:operator|system|admin|human|broker|architect) ?\]"
