@@ -30,7 +30,7 @@ from http import HTTPStatus
 from ctl import common, user_command
 from ctl.api import Park
 from ctl.common import StateError
-from ctl.config import IDLE_TIMEOUT, MAX_BODY_BYTES, MAX_HEAD_BYTES, REQUEST_TIMEOUT, WRITE_TIMEOUT, Settings
+from ctl.config import IDLE_TIMEOUT, MAX_BODY_BYTES, MAX_HEAD_BYTES, WRITE_TIMEOUT, Settings
 from ctl.errors import ApiError
 from ctl.frontdoor import Broker, Request, escape_for_log, log
 
@@ -100,6 +100,7 @@ class HttpLoop:
         self.selector.register(self.listener, selectors.EVENT_READ, None)
         self.connections = set()
         self.ready = set()          # connections with buffered bytes to parse in this iteration
+        self.request_timeout = broker.settings.request_timeout
         self.running = True
 
     def serve_forever(self) -> None:
@@ -153,7 +154,7 @@ class HttpLoop:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn = Connection(sock, f"{address[0]}:{address[1]}", time.monotonic())
-            conn.request_deadline = conn.idle_deadline = time.monotonic() + REQUEST_TIMEOUT
+            conn.request_deadline = conn.idle_deadline = time.monotonic() + self.request_timeout
             self.connections.add(conn)
             self.broker.connections = len(self.connections)
             self.selector.register(sock, selectors.EVENT_READ, conn)
@@ -193,7 +194,7 @@ class HttpLoop:
             self._close(conn)
             return
         if conn.request_deadline is None:
-            conn.request_deadline = time.monotonic() + REQUEST_TIMEOUT
+            conn.request_deadline = time.monotonic() + self.request_timeout
         self._advance(conn)
 
     def _fail(self, conn) -> None:
@@ -224,7 +225,7 @@ class HttpLoop:
                 conn.keep_alive = False
                 self._respond(conn, err.status, err.body())
                 continue
-            conn.request_deadline = time.monotonic() + REQUEST_TIMEOUT if conn.inbuf else None
+            conn.request_deadline = time.monotonic() + self.request_timeout if conn.inbuf else None
             batch.append((conn, req))
         if not batch:
             return
@@ -349,7 +350,7 @@ class HttpLoop:
             elif conn.request_deadline is not None and now >= conn.request_deadline:
                 conn.keep_alive = False
                 self._respond(conn, 408, {"error": {"code": "request_timeout",
-                                                    "message": f"request not received within {REQUEST_TIMEOUT:.0f}s"}})
+                                                    "message": f"request not received within {self.request_timeout:.0f}s"}})
             elif conn.request_deadline is None and not conn.outbuf and now >= conn.idle_deadline:
                 self._close(conn)
 

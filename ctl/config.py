@@ -25,6 +25,8 @@ class Settings:
     token_ttl: int         # seconds a peer token stays valid before the session must rejoin
     retention: int         # messages kept for the feed; unread ones are never dropped
     max_connections: int
+    request_timeout: float = 10.0   # a request must arrive whole within this, however it drips
+    join_rate: int = 60             # joins per minute per room: a runaway script cannot mint thousands of peers
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -34,13 +36,14 @@ class Settings:
             token_ttl=_env_int("CTL_TOKEN_TTL", 86_400, 1, 30 * 86_400),
             retention=_env_int("CTL_RETENTION", 100_000, 100, 100_000_000),
             max_connections=_env_int("CTL_MAX_CONNECTIONS", 512, 8, 10_000),
+            request_timeout=float(_env_int("CTL_REQUEST_TIMEOUT", 10, 1, 300)),
+            join_rate=_env_int("CTL_JOIN_RATE", 60, 1, 100_000),
         )
 
 
 MAX_HEAD_BYTES = 16 * 1024
 MAX_BODY_BYTES = 64 * 1024
 MAX_JSON_DEPTH = 6
-REQUEST_TIMEOUT = 10.0      # a request must arrive whole within this, however it drips
 IDLE_TIMEOUT = 120.0        # keep-alive connections with nothing in flight
 WRITE_TIMEOUT = 10.0
 MAX_WAIT_SECONDS = 60
@@ -54,7 +57,6 @@ LIMITS = {"title": 200, "description": 4000, "content": 8000, "summary": 2000, "
           "path": 1024, "mem_key": 128, "mem_value": 8000, "files": 100, "depends_on": 50,
           "tasks": 100_000, "memory_keys": 256,
           "live_peers": 128,         # live sessions in one room
-          "joins_per_minute": 60,    # per room: a runaway script cannot mint thousands of peers
           "locks_per_peer": 256,
           "task_list": 200,          # tasks one listing returns; the rest are counted
           "recent_done": 5}          # done tasks an unfiltered listing shows

@@ -108,7 +108,7 @@ class Broker:
         self.own_secrets = tuple(t.decode() for t in (self.join_secret, self.operator_token, self.observer_token)) \
             + (self.hmac_key,)
         self.signer = TokenSigner(self.hmac_key)
-        db_path = os.path.join(state_dir, "broker.db")
+        self.db_path = db_path = os.path.join(state_dir, "broker.db")
         for suffix in ("", "-wal", "-shm"):
             common.check_private_file(db_path + suffix)
         self.store = Store(db_path, settings)
@@ -117,7 +117,6 @@ class Broker:
         self.started = time.time()
         self.next_prune = self.started + PRUNE_EVERY
         self.connections = 0
-        self.checkpoint_due = True
         self.static_pages = self._static_pages()
 
     def _static_pages(self) -> dict:
@@ -339,9 +338,7 @@ class Broker:
             if now >= self.next_prune:
                 self.next_prune = now + PRUNE_EVERY
                 self.store.prune(now)
-                self.checkpoint_due = True
-            if idle and self.checkpoint_due:
+            if idle and os.path.exists(self.db_path + "-wal") and os.path.getsize(self.db_path + "-wal"):
                 self.store.checkpoint()
-                self.checkpoint_due = False
         except sqlite3.Error as exc:
             log(f"tick failed (will retry): {exc}")

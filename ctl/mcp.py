@@ -574,7 +574,7 @@ def schema_errors(schema: dict, value, where: str) -> list:
         for key, item in value.items():
             if key not in schema["properties"]:
                 if schema.get("additionalProperties") is False:
-                    problems.append(f"unknown argument '{key}' (allowed: {', '.join(schema['properties'])})")
+                    problems.append(f"unknown argument '{printable(key)}' (allowed: {', '.join(schema['properties'])})")
             else:
                 problems += schema_errors(schema["properties"][key], item, key)
     return problems
@@ -606,7 +606,11 @@ class Server:
                               "notifications/cancelled": self.cancel}
 
     def send(self, message: dict) -> None:
-        data = json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+        try:
+            data = json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode()
+        except UnicodeEncodeError:          # a lone surrogate somewhere: \u-escapes are still valid JSON
+            data = json.dumps(message, separators=(",", ":")).encode()
+        data += b"\n"
         with self.write_lock:
             self.out.write(data)
             self.out.flush()
@@ -670,7 +674,7 @@ class Server:
             return None
         handler = self.methods.get(method)
         if handler is None:
-            return error_response(msg_id, -32601, f"Method not found: {method}")
+            return error_response(msg_id, -32601, f"Method not found: {printable(method)}")
         try:
             return {"jsonrpc": "2.0", "id": msg_id, "result": handler(params)}
         except RpcError as err:
@@ -725,7 +729,8 @@ class Server:
         name = params.get("name")
         tool = TOOLS_BY_NAME.get(name) if isinstance(name, str) else None
         if tool is None:
-            raise RpcError(-32602, f"Unknown tool: {name!r}")
+            raise RpcError(-32602, f"Unknown tool: {printable(name) if isinstance(name, str) else 'none given'}; "
+                                   f"tools: {', '.join(TOOLS_BY_NAME)}")
         arguments = params.get("arguments")
         arguments = {} if arguments is None else arguments
         problems = schema_errors(tool.input_schema, arguments, "arguments")
@@ -786,6 +791,11 @@ class Server:
     def push_event(self, content: str, meta: dict) -> None:
         self.send({"jsonrpc": "2.0", "method": "notifications/claude/channel",
                    "params": {"content": content, "meta": meta}})
+
+
+def printable(text: str) -> str:
+    """Client-sent text as it may appear in an error: printable ASCII, short; never raw input."""
+    return text.encode("ascii", "backslashreplace").decode("ascii")[:60]
 
 
 def error_response(msg_id, code: int, message: str) -> dict:

@@ -232,7 +232,7 @@ class Store:
         self.db = open_database(db_path)
         self.room_states = {r["id"]: r["state"] for r in self.db.execute("SELECT id, state FROM rooms")}
         self.limiter = RateLimiter(settings.rate_limit)
-        self.join_limiter = RateLimiter(LIMITS["joins_per_minute"], "joins")
+        self.join_limiter = RateLimiter(settings.join_rate, "joins")
         self.version = int(time.time() * 1000)   # bumps on every change the dashboard draws
         self.woken = set()                      # peer ids whose waiting reads should be retried
         self.wake_everyone = False
