@@ -3,9 +3,14 @@ import json
 import os
 import re
 import shutil
+import socket
+import sqlite3
+import stat
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 import unittest
 
 from helpers import ROOT, BrokerProcess, free_port
@@ -183,7 +188,7 @@ class InstallTest(unittest.TestCase):
 class LaunchTest(unittest.TestCase):
     def test_start_status_second_start_stop(self):
         broker = BrokerProcess(port=free_port())
-        env = broker.env
+        env = {**broker.env, "HOME": broker.tmp}
 
         def launch(*args):
             return subprocess.run([sys.executable, LAUNCH, *args], env=env, capture_output=True, text=True, timeout=60)
@@ -213,6 +218,140 @@ class LaunchTest(unittest.TestCase):
             self.assertIn("No broker", launch("--stop").stdout)
         finally:
             broker.cleanup()
+
+
+class LaunchTellsTheTruthTest(unittest.TestCase):
+    def setUp(self):
+        self.broker = BrokerProcess(port=free_port())
+        self.env = {**self.broker.env, "HOME": self.broker.tmp}
+
+    def tearDown(self):
+        self.launch("--stop")
+        self.broker.cleanup()
+
+    def launch(self, *args):
+        return subprocess.run([sys.executable, LAUNCH, *args], env=self.env, capture_output=True, text=True, timeout=60)
+
+    def test_an_unregistered_server_is_said_loudly_with_the_fix(self):
+        first = self.launch("--no-browser")
+        self.assertIn("not registered with Claude Code", first.stdout)
+        self.assertIn("python3 install.py", first.stdout.replace(INSTALL, "install.py"))
+        self.assertNotIn("Next: open Claude Code", first.stdout)
+        subprocess.run([sys.executable, INSTALL], env=self.env, capture_output=True, timeout=60)
+        second = self.launch("--no-browser")
+        self.assertIn("Registered with: Claude Code (user)", second.stdout)
+        self.assertIn("Next: open Claude Code", second.stdout)
+
+    def test_a_failed_start_shows_only_this_attempts_words_and_status_says_what_answers(self):
+        os.makedirs(self.broker.state_dir, mode=0o700)
+        with open(os.path.join(self.broker.state_dir, "broker.log"), "w") as handle:
+            handle.write("old line: another broker (pid 1) already uses this\n")
+        os.chmod(os.path.join(self.broker.state_dir, "broker.log"), 0o600)
+        squatter = subprocess.Popen([sys.executable, "-m", "http.server", str(self.broker.port), "--bind", "127.0.0.1"],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.time() + 10
+            while time.time() < deadline:
+                try:
+                    socket.create_connection(("127.0.0.1", self.broker.port), timeout=1).close()
+                    break
+                except OSError:
+                    time.sleep(0.1)
+            failed = self.launch("--no-browser")
+            self.assertEqual(failed.returncode, 1)
+            self.assertIn(f"port {self.broker.port} is in use", failed.stderr)
+            self.assertNotIn("old line", failed.stderr)
+            status = self.launch("--status")
+            self.assertEqual(status.returncode, 1)
+            self.assertIn("another HTTP server (SimpleHTTP", status.stdout)
+        finally:
+            squatter.kill()
+            squatter.wait()
+
+
+class OperationsTest(unittest.TestCase):
+    def setUp(self):
+        self.broker = BrokerProcess(env={"CTL_RATE_LIMIT": "1000000"}).start()
+        self.out = tempfile.mkdtemp(prefix="ctl-ops-")
+
+    def tearDown(self):
+        self.broker.cleanup()
+        shutil.rmtree(self.out, ignore_errors=True)
+
+    def launch(self, *args):
+        return subprocess.run([sys.executable, LAUNCH, *args], env={**self.broker.env, "HOME": self.out},
+                              capture_output=True, text=True, timeout=120)
+
+    def test_backup_during_writes_restores_and_passes_integrity(self):
+        sender, _ = self.broker.join("b-out"), self.broker.join("b-in")
+        stop = threading.Event()
+        sent = []
+
+        def write():
+            while not stop.is_set():
+                status, data = sender.send("b-in", f"load {len(sent)}")
+                if status == 200:
+                    sent.append(data["message_id"])
+
+        threads = [threading.Thread(target=write) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.5)
+        target = os.path.join(self.out, "backup.db")
+        made = self.launch("--backup", target)
+        stop.set()
+        for thread in threads:
+            thread.join(10)
+        self.assertEqual(made.returncode, 0, made.stderr)
+        self.assertIn("integrity ok", made.stdout)
+        self.assertEqual(stat.S_IMODE(os.stat(target).st_mode), 0o600)
+        self.assertIn("already exists", self.launch("--backup", target).stderr, "a backup never overwrites a file")
+        copied = sqlite3.connect(target).execute("SELECT COUNT(*) FROM messages").fetchone()[0]
+        self.assertGreater(copied, 0)
+        refused = self.launch("--restore", target)
+        self.assertEqual(refused.returncode, 1)
+        self.assertIn("stop it first", refused.stderr)
+        self.broker.stop()
+        restored = self.launch("--restore", target)
+        self.assertEqual(restored.returncode, 0, restored.stderr)
+        kept = [name for name in os.listdir(self.broker.state_dir) if "before-restore" in name]
+        self.assertTrue(kept, "the database it replaced is kept, not deleted")
+        self.broker.start()
+        status, rooms = self.broker.request("GET", "/rooms", token=self.broker.secret("operator.token"))
+        self.assertEqual(status, 200)
+        self.assertEqual(self.broker.integrity(), "ok")
+        db = sqlite3.connect(os.path.join(self.broker.state_dir, "broker.db"))
+        self.assertEqual(db.execute("SELECT COUNT(*) FROM messages").fetchone()[0], copied)
+
+    def test_export_reads_well_and_doctor_reports_with_fixes(self):
+        architect = self.broker.join("e-arch", role="architect")
+        worker = self.broker.join("e-work")
+        task = architect.ok("POST", "/tasks", {"title": "Write the parser"})
+        architect.ok("POST", "/memory", {"key": "format", "value": "JSON Lines"})
+        worker.ok("POST", "/tasks/claim", {"task_id": task["id"]})
+        worker.ok("POST", "/tasks/complete", {"task_id": task["id"], "summary": "parser.py reads every line",
+                                              "files": ["parser.py"]})
+        worker.send("e-arch", "# not a heading\nparser done, see #1")
+        exported = self.launch("--export", self.out)
+        self.assertEqual(exported.returncode, 0, exported.stderr)
+        folder = os.path.join(self.out, os.listdir(self.out)[0])
+        self.assertEqual(sorted(os.listdir(folder)),
+                         ["events.jsonl", "memory.jsonl", "messages.jsonl", "tasks.jsonl", "transcript.md"])
+        with open(os.path.join(folder, "tasks.jsonl")) as handle:
+            row = json.loads(handle.readline())
+        self.assertEqual((row["title"], row["status"], row["files"]), ("Write the parser", "done", ["parser.py"]))
+        with open(os.path.join(folder, "transcript.md")) as handle:
+            transcript = handle.read()
+        self.assertIn("### #1 done", transcript)
+        self.assertIn("> parser.py reads every line", transcript)
+        self.assertIn("> # not a heading", transcript, "peer text cannot make headings of the transcript")
+        self.assertIn("`format` by e-arch", transcript)
+        doctor = self.launch("--doctor")
+        self.assertIn("ok  database integrity: ok", doctor.stdout)
+        self.assertIn("our broker answers", doctor.stdout)
+        self.assertIn("FIX registered with: no client", doctor.stdout)
+        self.assertIn("-> register the server", doctor.stdout)
+        self.assertEqual(doctor.returncode, 1)
 
 
 if __name__ == "__main__":
