@@ -304,7 +304,7 @@ def r_get_memory(broker, actor, q):
 
 
 def r_rooms(broker, actor, q):
-    return {"rooms": broker.store.list_rooms(time.time())}
+    return {"rooms": broker.store.list_rooms(time.time()), "viewer": actor.kind}
 
 
 def r_state(broker, actor, q):

@@ -72,6 +72,7 @@ def main():
             overview = page.locator("#rooms").inner_text()
             check(len(rooms) == 2 and all(name in overview for name in rooms), "the overview lists both rooms")
             check("1/4" in page.locator(f"#rooms tr[data-room='{shop}']").inner_text(), "with tasks done of total")
+            check(page.locator("#viewer").inner_text() == "operator", "the operator is named as such")
             page.screenshot(path=os.path.join(artifacts, "dashboard-rooms.png"), full_page=True)
             page.locator(f"#rooms tr[data-room='{shop}'] a").click()
             page.wait_for_selector("tr[data-peer='tester']", timeout=10_000)
@@ -120,7 +121,7 @@ def main():
             stranger = browser.new_page()
             stranger.goto(f"{base}#token=not-a-real-token")
             stranger.wait_for_selector("#gate:not([hidden])", timeout=10_000)
-            text = stranger.locator("#gate").inner_text()
+            text = stranger.locator("#gate").inner_text().lower()
             check("no longer works" in text and "launch.py" in text and "rejoin" not in text
                   and stranger.locator("#app").is_hidden(), "a bad token gets a clear page for a person")
             stranger.screenshot(path=os.path.join(artifacts, "dashboard-bad-token.png"))
