@@ -35,7 +35,13 @@ def user_command(name: str) -> str:
     if os.path.isfile(os.path.join(CHECKOUT, flat)):
         here = os.path.realpath(os.getcwd()) == os.path.realpath(CHECKOUT)
         return f"{python_name()} {flat if here else os.path.join(CHECKOUT, flat)}"
-    return script if shutil.which(script) else f"{os.path.basename(sys.executable)} -m {ENTRY_POINTS[name][1]}"
+    if shutil.which(script):
+        return script
+    for folder in (os.path.dirname(os.path.abspath(sys.argv[0] or ".")), os.path.dirname(sys.executable)):
+        beside = os.path.join(folder, script)        # an install whose bin folder is not on PATH
+        if os.access(beside, os.X_OK):
+            return beside
+    return f"{python_name()} -m {ENTRY_POINTS[name][1]}"
 
 
 def python_name() -> str:

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Claude Code's CLI as a real client, in a throwaway HOME: install.py's registration, then the plugin.
+set -euo pipefail
+work=$1 checkout=$2
+export HOME="$work/home" PATH="$work/claude/node_modules/.bin:$PATH"
+mkdir -p "$HOME"
+export CTL_STATE_DIR="$HOME/state" CTL_PORT
+CTL_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+cd "$work"
+claude --version
+fail() { echo "FAILED: $*"; exit 1; }
+
+python3 "$checkout/install.py" --hooks
+listing=$(timeout 120 claude mcp list 2>&1); echo "$listing"
+grep -Eq '^ctl: .*Connected' <<<"$listing" || fail "claude mcp list does not show ctl connected"
+python3 "$checkout/install.py" --uninstall
+if [ -f "$HOME/.claude.json" ] && grep -q '"ctl"' "$HOME/.claude.json"; then fail "uninstall left our entry"; fi
+
+claude plugin marketplace add "$checkout"
+claude plugin install ctl@control-tower-lite
+plugins=$(claude plugin list 2>&1); echo "$plugins"
+grep -A3 'ctl@control-tower-lite' <<<"$plugins" | grep -q 'enabled' || fail "the plugin is not enabled"
+details=$(claude plugin details ctl@control-tower-lite 2>&1); echo "$details"
+grep -Eq 'MCP servers \(1\) +ctl' <<<"$details" || fail "plugin details does not list the MCP server"
+grep -Eq 'Hooks \(3\) +PreToolUse, Stop, SessionStart' <<<"$details" || fail "plugin details does not list every hook"
+python3 "$checkout/install.py" --status | tee "$work/status.txt"
+grep -q "ctl@control-tower-lite is installed" "$work/status.txt" || fail "install.py --status does not see the plugin"
+python3 "$checkout/install.py" | grep -q "already provided by the Claude Code plugin" || fail "install.py would double up"
+listing=$(timeout 120 claude mcp list 2>&1); echo "$listing"
+grep -Eq '^plugin:ctl:ctl: .*Connected' <<<"$listing" || fail "claude mcp list does not show the plugin's server connected"
+claude plugin uninstall ctl@control-tower-lite
+claude plugin marketplace remove control-tower-lite
+! claude plugin list 2>&1 | grep -q 'ctl@control-tower-lite' || fail "the plugin is still listed"
+! timeout 120 claude mcp list 2>&1 | grep -q 'plugin:ctl' || fail "the plugin's server is still registered"
+python3 "$checkout/launch.py" --stop >/dev/null
+echo "Claude Code CLI stage: 1 passed, 0 failed"
