@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
-"""Control Tower Lite side by side with Caucus (caucus-mcp), in one run, alternating, medians of rounds.
+"""Control Tower Lite side by side with Caucus (caucus-mcp) and with our own previous code, in one run,
+alternating, medians of rounds.
 
-    python bench/run.py [--rounds 3] [--quick]
+    python3 bench/run.py [--rounds 3] [--quick]
 
-Creates a throwaway virtual environment for Caucus under bench/.venv-caucus on first use. Prints one
-table and writes it, with the machine and the date, to bench/RESULTS.md. Rate limits are raised for
-the run on both sides (ours through CTL_RATE_LIMIT, Caucus through its own set_rate_limit); everything
-else runs with its defaults, including our fsync on every write (Caucus keeps its state in memory).
+Creates a throwaway virtual environment for Caucus under bench/.venv-caucus on first use, and extracts the
+previous code (BASELINE, the commit before the group-commit work) with `git archive` so it runs beside the
+current one. Prints one table and writes it, with the machine and the date, to bench/RESULTS.md. Rate
+limits are raised for the run on all sides; everything else runs with its defaults, including our fsync
+on every commit (Caucus keeps its state in memory).
 """
 import argparse
 import http.client
@@ -29,6 +31,7 @@ sys.path.insert(0, ROOT)
 from ctl import common as ctl_common  # noqa: E402
 
 CAUCUS_VENV = os.path.join(HERE, ".venv-caucus")
+BASELINE = "f257edc9451073199135f04e26c011e2227264f2"    # the last commit before rooms and group commit
 CAUCUS_HUB = """
 import sys
 import caucus.hub as hub
@@ -90,19 +93,29 @@ class Http:
 # ---------------------------------------------------------------- the two systems behind one small interface
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process, from /proc."""
+    with open(f"/proc/{pid}/stat") as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class Ours:
     name = "Control Tower Lite"
+    kind = "ours"
+    code = ROOT
+    requests_per_delivery = 2        # send; read that acknowledges the previous batch (the ack cursor)
 
     def __init__(self, env=None):
         self.port = free_port()
         self.state = tempfile.mkdtemp(prefix="ctl-bench-")
         os.chmod(self.state, 0o700)
         self.env = {**os.environ, "CTL_PORT": str(self.port), "CTL_STATE_DIR": self.state,
-                    "CTL_RATE_LIMIT": "1000000", **(env or {})}
+                    "CTL_RATE_LIMIT": "1000000", "CTL_JOIN_RATE": "100000", **(env or {})}
         self.proc = None
 
     def start(self):
-        self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "broker.py")], env=self.env,
+        self.proc = subprocess.Popen([sys.executable, os.path.join(self.code, "broker.py")], env=self.env,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_http(self.port, "/health")
         return self
@@ -116,18 +129,45 @@ class Ours:
             self.stop()
         shutil.rmtree(self.state, ignore_errors=True)
 
-    def peer(self, name: str) -> dict:
+    def join_body(self, name: str, room: str) -> dict:
+        return {"name": name, "room": room}
+
+    def peer(self, name: str, room: str = "bench") -> dict:
+        """A joined peer; each measure uses a room of its own, so no room reaches its cap of live peers."""
         secret = ctl_common.read_secret(self.state, ctl_common.JOIN_SECRET_FILE)
-        status, data = Http(self.port).call("POST", "/join", {"name": name}, token=secret)
+        status, data = Http(self.port).call("POST", "/join", self.join_body(name, room), token=secret)
         assert status == 200, data
-        return {"kind": "ours", "port": self.port, "name": name, "token": data["token"]}
+        return {"kind": self.kind, "port": self.port, "name": name, "token": data["token"]}
 
     def mcp_command(self):
-        return [sys.executable, os.path.join(ROOT, "mcp_server.py")], {"CTL_PORT": str(self.port), "CTL_STATE_DIR": self.state}
+        return [sys.executable, os.path.join(self.code, "mcp_server.py")], {"CTL_PORT": str(self.port),
+                                                                            "CTL_STATE_DIR": self.state}
+
+
+class Previous(Ours):
+    """Our code as it was before this round of work: one machine-wide room, a commit per request, and a
+    delivery costs send, read and a separate acknowledgement."""
+    name = "previous Control Tower Lite"
+    kind = "previous"
+    requests_per_delivery = 3
+
+    def __init__(self):
+        super().__init__()
+        self.code = tempfile.mkdtemp(prefix="ctl-baseline-")
+        archive = subprocess.run(["git", "-C", ROOT, "archive", BASELINE], capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", self.code], input=archive, check=True)
+
+    def join_body(self, name: str, room: str) -> dict:
+        return {"name": name}
+
+    def cleanup(self):
+        super().cleanup()
+        shutil.rmtree(self.code, ignore_errors=True)
 
 
 class Caucus:
     name = "Caucus"
+    requests_per_delivery = 2        # send; receive that acknowledges the previous batch (ack_seq)
 
     def __init__(self):
         self.port = free_port()
@@ -157,7 +197,7 @@ class Caucus:
 
     cleanup = stop
 
-    def peer(self, name: str) -> dict:
+    def peer(self, name: str, room: str = "") -> dict:
         status, data = Http(self.port).call("POST", "/register", {"project": name})
         assert status == 200, data
         return {"kind": "caucus", "port": self.port, "name": name, "token": data["token"]}
@@ -173,15 +213,22 @@ class Client:
         self.peer, self.http, self.seq = peer, Http(peer["port"]), None
 
     def send(self, to: str, content: str) -> None:
-        if self.peer["kind"] == "ours":
+        if self.peer["kind"] in ("ours", "previous"):
             status, data = self.http.call("POST", "/messages", {"to": to, "content": content}, token=self.peer["token"])
         else:
             status, data = self.http.call("POST", "/send", {"token": self.peer["token"], "to": to, "content": content})
         assert status == 200, data
 
     def receive(self, wait: int) -> list:
-        """Wait for messages and acknowledge them (ours: explicit ack; Caucus: ack piggybacked on the next poll)."""
+        """Wait for messages and acknowledge them: ours by the ack cursor on the next read, the previous code
+        by a separate ack request, Caucus by its ack_seq on the next poll (the same idea as our cursor)."""
         if self.peer["kind"] == "ours":
+            ack = f"&ack={self.seq}" if self.seq is not None else ""
+            status, data = self.http.call("GET", f"/inbox?wait={wait}&limit=100{ack}", token=self.peer["token"])
+            if data["messages"]:
+                self.seq = data["messages"][-1]["delivery_id"]
+            return [m["content"] for m in data["messages"]]
+        if self.peer["kind"] == "previous":
             status, data = self.http.call("GET", f"/inbox?wait={wait}&limit=100", token=self.peer["token"])
             if data["messages"]:
                 self.http.call("POST", "/inbox/ack", {"ids": [m["delivery_id"] for m in data["messages"]]},
@@ -211,23 +258,41 @@ def _pair_loop(sender: dict, receiver: dict, duration: float, start_at: float, r
     results.put(count)
 
 
-def round_trips(system, pairs: int, duration: float) -> float:
+def round_trips(system, pairs: int, duration: float) -> tuple:
+    """(round trips per second, broker CPU µs per request) for `pairs` sender/reader pairs at full speed."""
     context = multiprocessing.get_context("fork")
     results = context.Queue()
-    peers = [(system.peer(f"s{pairs}-{i}-{time.time_ns()}"), system.peer(f"r{pairs}-{i}-{time.time_ns()}"))
+    room = f"rt-{time.time_ns()}"
+    peers = [(system.peer(f"s{pairs}-{i}-{time.time_ns()}", room), system.peer(f"r{pairs}-{i}-{time.time_ns()}", room))
              for i in range(pairs)]
     start_at = time.time() + 0.5
     procs = [context.Process(target=_pair_loop, args=(s, r, duration, start_at, results)) for s, r in peers]
     for proc in procs:
         proc.start()
+    while time.time() < start_at:
+        time.sleep(0.001)
+    cpu_before = cpu_seconds(system.proc.pid)
     total = sum(results.get() for _ in procs)
+    cpu = cpu_seconds(system.proc.pid) - cpu_before
     for proc in procs:
         proc.join()
-    return total / duration
+    return total / duration, cpu * 1e6 / max(1, total * system.requests_per_delivery)
 
 
-def delivery_latency(system, samples: int) -> list:
-    sender, receiver = system.peer(f"ls-{time.time_ns()}"), system.peer(f"lr-{time.time_ns()}")
+def delivery_latency(system, samples: int, pairs: int = 1) -> list:
+    """Milliseconds from a send to the recipient's waiting read returning it, with `pairs` pairs at once."""
+    found, threads = [], [threading.Thread(target=lambda: found.extend(_latency_pair(system, samples)))
+                          for _ in range(pairs)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return sorted(found)
+
+
+def _latency_pair(system, samples: int) -> list:
+    room = f"lat-{time.time_ns()}"
+    sender, receiver = system.peer(f"ls-{time.time_ns()}", room), system.peer(f"lr-{time.time_ns()}", room)
     out, inbox = Client(sender), Client(receiver)
     arrived, ready = {}, threading.Event()
 
@@ -258,11 +323,19 @@ def percentile(values: list, fraction: float) -> float:
     return values[min(len(values) - 1, int(round(fraction * (len(values) - 1))))]
 
 
-def claim_race(ours, tasks: int = 200, claimers: int = 20) -> dict:
+def operator_room(ours) -> tuple:
+    """The operator token and the bench room's id (the room every bench peer joins)."""
     operator = ctl_common.read_secret(ours.state, ctl_common.OPERATOR_TOKEN_FILE)
-    admin = Http(ours.port)
-    ids = [admin.call("POST", "/tasks", {"title": f"race {i}"}, token=operator)[1]["id"] for i in range(tasks)]
+    rooms = Http(ours.port).call("GET", "/rooms", token=operator)[1]["rooms"]
+    return operator, next(r["id"] for r in rooms if r["name"] == "bench")
+
+
+def claim_race(ours, tasks: int = 200, claimers: int = 20) -> dict:
     peers = [ours.peer(f"claimer-{i}-{time.time_ns()}") for i in range(claimers)]
+    operator, room = operator_room(ours)
+    admin = Http(ours.port)
+    ids = [admin.call("POST", "/tasks", {"title": f"race {i}", "room": room}, token=operator)[1]["id"]
+           for i in range(tasks)]
     wins = {task_id: 0 for task_id in ids}
     lock, barrier = threading.Lock(), threading.Barrier(claimers + 1)
 
@@ -286,45 +359,209 @@ def claim_race(ours, tasks: int = 200, claimers: int = 20) -> dict:
     return {"requests_per_s": tasks * claimers / elapsed, "exactly_one": all(v == 1 for v in wins.values())}
 
 
-def stored_broker(stored: int):
-    """A broker whose database already holds `stored` messages (10% of them unread by another peer)."""
-    ours = Ours(env={"CTL_RETENTION": str(stored * 2)}).start()
-    reader, sink = ours.peer("reader"), ours.peer("sink")
+# ---------------------------------------------------------------- scale
+
+
+MIX = (("send", 30), ("check", 30), ("heartbeat", 20), ("lock", 10), ("claim", 10))   # per 100 operations
+
+
+def _mixed_peers(port: int, peers: list, room_size: int, duration: float, start_at: float, results) -> None:
+    """One process driving a few peers in turn; each operation timed on its own."""
+    import random
+    rng = random.Random(peers[0]["name"])
+    clients = [(p, Http(port), {"seq": None, "claimed": None, "locked": None}) for p in peers]
+    weights = [w for _, w in MIX]
+    timings = {op: [] for op, _ in MIX}
+    while time.time() < start_at:
+        time.sleep(0.001)
+    deadline = time.time() + duration
+    while time.time() < deadline:
+        peer, http, memo = rng.choice(clients)
+        op = rng.choices([o for o, _ in MIX], weights)[0]
+        token = peer["token"]
+        started = time.perf_counter()
+        if op == "send":
+            http.call("POST", "/messages", {"to": f"mix-{rng.randrange(room_size)}", "content": "status: on it"},
+                      token=token)
+        elif op == "check":
+            ack = f"&ack={memo['seq']}" if memo["seq"] else ""
+            _, data = http.call("GET", f"/inbox?limit=50{ack}", token=token)
+            if data.get("messages"):
+                memo["seq"] = data["messages"][-1]["delivery_id"]
+        elif op == "heartbeat":
+            http.call("POST", "/heartbeat", {}, token=token)
+        elif op == "lock":
+            if memo["locked"]:
+                http.call("POST", "/locks/release", {"path": memo["locked"]}, token=token)
+                memo["locked"] = None
+            else:
+                memo["locked"] = f"{peer['name']}.py"
+                http.call("POST", "/locks", {"path": memo["locked"]}, token=token)
+        else:
+            if memo["claimed"]:
+                http.call("POST", "/tasks/complete", {"task_id": memo["claimed"], "summary": "done"}, token=token)
+                memo["claimed"] = None
+            else:
+                status, data = http.call("POST", "/tasks/claim", {}, token=token)
+                memo["claimed"] = data["id"] if status == 200 else None
+        timings[op].append((time.perf_counter() - started) * 1000)
+    results.put(timings)
+
+
+def mixed_workload(peers: int, duration: float, processes: int = 8) -> dict:
+    """100 peers of one room sending, checking, heartbeating, locking and claiming at realistic ratios."""
+    ours = Ours(env={"CTL_JOIN_RATE": "100000"}).start()
+    try:
+        joined = [ours.peer(f"mix-{i}") for i in range(peers)]
+        operator, room = operator_room(ours)
+        admin = Http(ours.port)
+        for i in range(peers * 20):
+            admin.call("POST", "/tasks", {"title": f"mixed {i}", "room": room}, token=operator)
+        context = multiprocessing.get_context("fork")
+        results = context.Queue()
+        start_at = time.time() + 0.5
+        groups = [joined[i::processes] for i in range(processes)]
+        procs = [context.Process(target=_mixed_peers, args=(ours.port, g, peers, duration, start_at, results))
+                 for g in groups]
+        for proc in procs:
+            proc.start()
+        merged = {op: [] for op, _ in MIX}
+        for _ in procs:
+            for op, values in results.get().items():
+                merged[op].extend(values)
+        for proc in procs:
+            proc.join()
+        total = sum(len(v) for v in merged.values())
+        return {"ops_per_s": total / duration, "rss_kib": rss_kib(ours.proc.pid),
+                "ops": {op: (percentile(sorted(v), 0.5), percentile(sorted(v), 0.99), len(v))
+                        for op, v in merged.items() if v}}
+    finally:
+        ours.cleanup()
+
+
+def big_room(tasks: int, messages: int) -> Ours:
+    """A broker whose bench room holds `tasks` tasks (90% done) and `messages` messages (1% unread)."""
+    ours = Ours(env={"CTL_RETENTION": str(max(100_000, messages * 2))}).start()
+    reader = ours.peer("reader")
+    ours.peer("sink")
     ours.stop()
     db = sqlite3.connect(os.path.join(ours.state, "broker.db"))
-    sink_id = db.execute("SELECT id FROM peers WHERE name='sink'").fetchone()[0]
+    room, sink_id = db.execute("SELECT room_id, id FROM peers WHERE name='sink'").fetchone()
     now = time.time()
     db.execute("BEGIN")
-    for start in range(0, stored, 50_000):
-        rows = range(start, min(stored, start + 50_000))
-        db.executemany("INSERT INTO messages(id, sender, sender_role, origin, recipient, category, content, created_at) "
-                       "VALUES(?, 'sink', 'worker', 'agent', 'sink', 'info', 'stored message body', ?)",
-                       [(i + 1, now) for i in rows])
-        db.executemany("INSERT INTO deliveries(peer_id, message_id, acked) VALUES(?, ?, ?)",
-                       [(sink_id, i + 1, int(i % 10 != 0)) for i in rows])
+    db.executemany("INSERT INTO tasks(room_id, id, title, description, status, created_by, created_at, done_by, "
+                   "done_at, summary, files) VALUES(?, ?, ?, '', ?, 'bench', ?, ?, ?, ?, '[]')",
+                   [(room, i, f"task {i}", "done" if i % 10 else "ready", now, "sink" if i % 10 else None,
+                     now if i % 10 else None, "did it" if i % 10 else None) for i in range(1, tasks + 1)])
+    for start in range(0, messages, 100_000):
+        rows = range(start, min(messages, start + 100_000))
+        db.executemany("INSERT INTO messages(id, room_id, sender, sender_role, origin, recipient, category, content, "
+                       "created_at) VALUES(?, ?, 'sink', 'worker', 'agent', 'sink', 'info', 'stored message body', ?)",
+                       [(i + 1, room, now) for i in rows])
+        db.executemany("INSERT INTO deliveries(peer_id, message_id, acked_at) VALUES(?, ?, ?)",
+                       [(sink_id, i + 1, None if i % 100 == 0 else now) for i in rows])
     db.commit()
     db.close()
-    return ours.start(), reader
+    ours.start()
+    ours.reader = reader
+    return ours
 
 
-def empty_read_costs(sizes: list, blocks: int = 20, per_block: int = 100) -> list:
-    """Median µs of an empty inbox read for each store size; both brokers run at once and take turns,
-    so machine noise falls on both alike."""
-    brokers = [stored_broker(size) for size in sizes]
+def scale_costs(tasks: int, messages: int, blocks: int = 10, per_block: int = 30) -> dict:
+    """Median µs of list_tasks, an empty inbox read and the dashboard's /state poll, in an empty room and in a
+    room holding `tasks` tasks and `messages` messages; both brokers run at once and take turns."""
+    empty, full = big_room(0, 0), big_room(tasks, messages)
     try:
-        clients = [(Http(ours.port), reader) for ours, reader in brokers]
-        timings = [[] for _ in sizes]
+        probes = []
+        for ours in (empty, full):
+            operator, room = operator_room(ours)
+            http = Http(ours.port)
+            first = http.call("GET", f"/state?room={room}", token=operator)[1]
+            poll = (f"/state?room={room}&since={first['version']}&after_message={first['messages'][0]['id'] if first['messages'] else 0}"
+                    f"&after_event={first['events'][0]['id'] if first['events'] else 0}")
+            probes.append({"list_tasks": (http, "/tasks", ours.reader["token"]),
+                           "inbox read": (http, "/inbox?limit=20", ours.reader["token"]),
+                           "dashboard /state poll": (http, poll, operator)})
+        timings = [{name: [] for name in probes[0]} for _ in probes]
         for _ in range(blocks):
-            for index, (client, reader) in enumerate(clients):
-                for _ in range(per_block):
-                    started = time.perf_counter()
-                    status, data = client.call("GET", "/inbox?limit=20", token=reader["token"])
-                    timings[index].append((time.perf_counter() - started) * 1e6)
-                    assert status == 200 and not data["messages"]
-        return [statistics.median(t) for t in timings]
+            for index, probe in enumerate(probes):
+                for name, (http, path, token) in probe.items():
+                    for _ in range(per_block):
+                        started = time.perf_counter()
+                        status, _ = http.call("GET", path, token=token)
+                        timings[index][name].append((time.perf_counter() - started) * 1e6)
+                        assert status == 200
+        return {name: (statistics.median(timings[0][name]), statistics.median(timings[1][name]))
+                for name in probes[0]} | {"rss_kib": rss_kib(full.proc.pid)}
     finally:
-        for ours, _ in brokers:
-            ours.cleanup()
+        empty.cleanup()
+        full.cleanup()
+
+
+def hook_latency(ours, runs: int) -> dict:
+    """The PreToolUse hook process, started by a stand-in for Claude Code the way Claude Code starts it:
+    median and p99 ms for an edit inside the project (a lock taken) and outside it (no broker call)."""
+    import socket
+    project = tempfile.mkdtemp(prefix="bench-hook-")
+    os.makedirs(os.path.join(project, ".git"))
+    shim_socket = os.path.join(tempfile.mkdtemp(), "agent.sock")
+    env = {**os.environ, "CTL_PORT": str(ours.port), "CTL_STATE_DIR": ours.state, "CTL_NAME": "hooked"}
+    agent = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "agent_shim.py"), shim_socket,
+                              sys.executable, os.path.join(ROOT, "mcp_server.py")], env=env, cwd=project,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    agent.stdin.write((json.dumps({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "b", "version": "1"}}}) + "\n"
+        + json.dumps({"jsonrpc": "2.0", "method": "notifications/initialized"}) + "\n").encode())
+    agent.stdin.flush()
+    agent.stdout.readline()
+    bindings, deadline = os.path.join(ours.state, "sessions"), time.time() + 10
+    while time.time() < deadline and not (os.path.isdir(bindings) and os.listdir(bindings)):
+        time.sleep(0.05)            # the server joins in the background and binds itself to its agent
+    results = {}
+    try:
+        for label, folder in (("inside the project", project), ("outside the project", tempfile.gettempdir())):
+            timings = []
+            for i in range(runs):
+                event = {"tool_name": "Edit", "cwd": project, "hook_event_name": "PreToolUse",
+                         "tool_input": {"file_path": os.path.join(folder, f"f{i}.py")}}
+                request = {"argv": [sys.executable, os.path.join(ROOT, "hook.py"), "PreToolUse"], "cwd": project,
+                           "stdin": json.dumps(event), "env": {}}
+                started = time.perf_counter()
+                with socket.socket(socket.AF_UNIX) as sock:
+                    sock.connect(shim_socket)
+                    sock.sendall(json.dumps(request).encode() + b"\n")
+                    reply = b""
+                    while not reply.endswith(b"\n"):
+                        reply += sock.recv(65536)
+                timings.append((time.perf_counter() - started) * 1000)
+                assert json.loads(reply)["code"] == 0
+            timings.sort()
+            results[label] = (statistics.median(timings), percentile(timings, 0.99))
+    finally:
+        agent.kill()
+        agent.wait()
+    return results
+
+
+def filter_cost() -> dict:
+    """µs per KiB of the content filter over the benign corpus, and the worst adversarial 8 KiB input."""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    import corpus
+    from test_filter import ADVERSARIAL, outcome
+    texts = corpus.BENIGN * 5
+    started = time.perf_counter()
+    for text in texts:
+        outcome(text)
+    per_kib = (time.perf_counter() - started) * 1e6 / (sum(len(t.encode()) for t in texts) / 1024)
+    worst = max((statistics.median(_time(outcome, make(8192)) for _ in range(5)), shape)
+                for shape, make in ADVERSARIAL.items())
+    return {"per_kib_us": per_kib, "worst_8k_ms": worst[0] * 1000, "worst_shape": worst[1]}
+
+
+def _time(function, argument) -> float:
+    started = time.perf_counter()
+    function(argument)
+    return time.perf_counter() - started
 
 
 def cold_start(system, runs: int) -> tuple:
@@ -355,7 +592,7 @@ def cold_start(system, runs: int) -> tuple:
 def mcp_session(ours, name: str, push: bool):
     """A joined mcp_server.py session, spoken to over stdio."""
     env = {**os.environ, "CTL_PORT": str(ours.port), "CTL_STATE_DIR": ours.state, "CTL_NAME": name,
-           "CTL_CHANNEL": "1" if push else "0"}
+           "CTL_CHANNEL": "1" if push else "0", "CTL_ROOM": "bench"}
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "mcp_server.py")], env=env, cwd=tempfile.mkdtemp(),
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     for message in ({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
@@ -396,7 +633,7 @@ def watcher_latency(ours, samples: int) -> list:
     timings = []
     try:
         for i in range(samples):
-            watcher = subprocess.Popen([sys.executable, os.path.join(ROOT, "mcp_server.py"), "watch", "watched"],
+            watcher = subprocess.Popen([sys.executable, os.path.join(ROOT, "mcp_server.py"), "watch", "bench/watched"],
                                        env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
             time.sleep(0.4)        # started and waiting on the broker
             started = time.perf_counter()
@@ -419,8 +656,8 @@ def _flood(peer: dict, to: str, count: int):
 
 def memory(system, messages: int) -> tuple:
     idle = rss_kib(system.proc.pid)
-    receiver = system.peer(f"mem-r-{time.time_ns()}")
-    senders = [system.peer(f"mem-s{i}-{time.time_ns()}") for i in range(8)]
+    receiver = system.peer(f"mem-r-{time.time_ns()}", "memory")
+    senders = [system.peer(f"mem-s{i}-{time.time_ns()}", "memory") for i in range(8)]
     context = multiprocessing.get_context("fork")
     procs = [context.Process(target=_flood, args=(s, receiver["name"], messages // 8)) for s in senders]
     for proc in procs:
@@ -462,30 +699,44 @@ def main() -> int:
     samples = 60 if args.quick else 200
     flood = 10_000 if args.quick else 100_000
     big = 100_000 if args.quick else 1_000_000
+    big_tasks = 10_000 if args.quick else 100_000
     ours = Ours().start()
+    previous = Previous().start()
     caucus = Caucus().start() if Caucus.available() else None
-    systems = [ours] + ([caucus] if caucus else [])
+    systems = [ours, previous] + ([caucus] if caucus else [])
     rows = []
 
-    def row(measure, unit, ours_value, caucus_value, better):
+    def row(measure, unit, ours_value, caucus_value, better, against="Caucus"):
         ratio = ""
         if isinstance(caucus_value, (int, float)) and caucus_value:
             factor = ours_value / caucus_value if better == "higher" else caucus_value / ours_value
-            ratio = f"{factor:.2f}× " + ("better" if factor > 1 else "(behind)")
+            ratio = f"{factor:.2f}× " + ("better" if factor > 1 else "(behind)") + ("" if against == "Caucus" else
+                                                                                   f" than the {against}")
         fmt = lambda v: f"{v:,.1f}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else v  # noqa: E731
         rows.append((measure, unit, fmt(ours_value), fmt(caucus_value), ratio))
         print(f"{measure}: ours {fmt(ours_value)} {unit}, Caucus {fmt(caucus_value)} {ratio}", flush=True)
 
     try:
+        cpu = {}
         for pairs in (1, 8):
             got = alternate(args.rounds, systems, lambda s: round_trips(s, pairs, duration))
-            row(f"send + read round trips, {pairs} pair{'s' if pairs > 1 else ''}", "per s",
-                statistics.median(got[ours.name]), statistics.median(got[caucus.name]) if caucus else "n/a", "higher")
-        got = alternate(args.rounds, systems, lambda s: delivery_latency(s, samples))
-        merged = {name: sorted(v for run in runs for v in run) for name, runs in got.items()}
-        for label, fraction in (("p50", 0.5), ("p99", 0.99)):
-            row(f"send → waiting read returns, {label}", "ms", percentile(merged[ours.name], fraction),
-                percentile(merged[caucus.name], fraction) if caucus else "n/a", "lower")
+            rates = {name: statistics.median(r for r, _ in runs) for name, runs in got.items()}
+            cpu[pairs] = {name: statistics.median(c for _, c in runs) for name, runs in got.items()}
+            label = f"{pairs} pair{'s' if pairs > 1 else ''}"
+            row(f"send + read round trips, {label}", "per s", rates[ours.name],
+                rates[caucus.name] if caucus else "n/a", "higher")
+            row(f"  previous code, {label}", "per s", rates[previous.name], rates[caucus.name] if caucus else "n/a",
+                "higher")
+        for pairs in (1, 8):
+            row(f"broker CPU per request, {pairs} pair{'s' if pairs > 1 else ''}", "µs", cpu[pairs][ours.name],
+                cpu[pairs][previous.name], "lower", "previous code")
+        for pairs in (1, 8):
+            got = alternate(args.rounds, systems, lambda s: delivery_latency(s, samples // pairs, pairs))
+            merged = {name: sorted(v for run in runs for v in run) for name, runs in got.items()}
+            for label, fraction in (("p50", 0.5), ("p99", 0.99)):
+                row(f"send → waiting read returns, {pairs} pair{'s' if pairs > 1 else ''}, {label}", "ms",
+                    percentile(merged[ours.name], fraction),
+                    percentile(merged[caucus.name], fraction) if caucus else "n/a", "lower")
         pushed = push_latency(ours, samples)
         row("send → MCP channel push written, p50 / p99", "ms",
             f"{percentile(pushed, 0.5):.1f} / {percentile(pushed, 0.99):.1f}", "not measured", "")
@@ -494,27 +745,45 @@ def main() -> int:
         race = claim_race(ours)
         row("claim race, 20 claimers × 200 tasks", "claims/s", race["requests_per_s"], "n/a (no tasks)", "higher")
         row("claim race: exactly one winner per task", "", "yes" if race["exactly_one"] else "NO", "n/a", "")
-        small, large = empty_read_costs([10_000, big])
-        row("empty inbox read, 10k stored messages", "µs", small, "n/a (in memory)", "lower")
-        row(f"empty inbox read, {big:,} stored messages", "µs", large, "n/a (in memory)", "lower")
-        row(f"read cost ratio {big // 1000}k / 10k", "", f"{large / small:.2f}", "n/a", "")
         got = alternate(args.rounds, systems, lambda s: cold_start(s, 7))
         row("MCP cold start (spawn → initialize + tools/list)", "ms", statistics.median(t for t, _ in got[ours.name]),
             statistics.median(t for t, _ in got[caucus.name]) if caucus else "n/a", "lower")
         row("tools/list result size", "bytes", got[ours.name][0][1], got[caucus.name][0][1] if caucus else "n/a", "lower")
-        mem = {s.name: memory(s, flood) for s in systems}
+        hooks = hook_latency(ours, 20 if args.quick else 60)
+        for label, (median, p99) in hooks.items():
+            row(f"PreToolUse hook process, edit {label}, median / p99", "ms", f"{median:.1f} / {p99:.1f}",
+                "n/a (no hooks)", "")
+        mem = {s.name: memory(s, flood) for s in systems if s is not previous}
         row("broker RSS, idle", "KiB", mem[ours.name][0], mem[caucus.name][0] if caucus else "n/a", "lower")
-        row(f"broker RSS after {flood:,} messages", "KiB", mem[ours.name][1], mem[caucus.name][1] if caucus else "n/a", "lower")
+        row(f"broker RSS after {flood:,} messages", "KiB", mem[ours.name][1], mem[caucus.name][1] if caucus else "n/a",
+            "lower")
     finally:
         for system in systems:
             system.cleanup()
-    table = ["| Measure | Unit | Control Tower Lite | Caucus | Ratio |", "|---|---|---|---|---|"]
+    mixed = mixed_workload(100, 8 if args.quick else 30)
+    row(f"mixed workload, 100 peers, {'8' if args.quick else '30'} s: operations", "per s", mixed["ops_per_s"], "n/a", "")
+    for op, (p50, p99, count) in mixed["ops"].items():
+        row(f"  {op} ({count:,} done), p50 / p99", "ms", f"{p50:.1f} / {p99:.1f}", "n/a", "")
+    row("  broker RSS after the mixed workload", "KiB", mixed["rss_kib"], "n/a", "")
+    scale = scale_costs(big_tasks, big)
+    for name in ("list_tasks", "inbox read", "dashboard /state poll"):
+        empty_cost, full_cost = scale[name]
+        row(f"{name}: empty room vs {big_tasks:,} tasks + {big:,} messages", "µs",
+            f"{empty_cost:,.0f} vs {full_cost:,.0f} (×{full_cost / empty_cost:.2f})", "n/a", "")
+    row(f"broker RSS with {big_tasks:,} tasks + {big:,} messages", "KiB", scale["rss_kib"], "n/a", "")
+    filtered = filter_cost()
+    row("content filter, benign corpus", "µs per KiB", filtered["per_kib_us"], "n/a", "")
+    row(f"content filter, worst adversarial 8 KiB ({filtered['worst_shape']})", "ms", filtered["worst_8k_ms"], "n/a", "")
+    table = ["| Measure | Unit | Control Tower Lite | Caucus (or as named) | Ratio |", "|---|---|---|---|---|"]
     table += [f"| {' | '.join(map(str, r))} |" for r in rows]
     report = (f"# Benchmark results\n\nMeasured {time.strftime('%Y-%m-%d')} on {machine()}.\n"
-              f"`python bench/run.py{' --quick' if args.quick else ''}`, {args.rounds} rounds alternating the two "
+              f"`python3 bench/run.py{' --quick' if args.quick else ''}`, {args.rounds} rounds alternating the "
               f"systems; medians. Caucus is caucus-mcp from PyPI in a throwaway virtual environment, its hub and "
-              f"caucus-bridge. Rate limits raised for the run on both sides. Control Tower Lite fsyncs every write "
-              f"(WAL, synchronous=FULL); Caucus keeps state in memory.\n\n" + "\n".join(table) + "\n")
+              f"caucus-bridge. The previous code is commit {BASELINE[:10]}, extracted with git archive and run "
+              f"beside the current one. Rate limits raised for the run everywhere. Control Tower Lite fsyncs every "
+              f"commit (WAL, synchronous=FULL); Caucus keeps state in memory. CPU per request is the broker "
+              f"process's user+system time from /proc over the run, divided by the requests it answered.\n\n"
+              + "\n".join(table) + "\n")
     print("\n" + "\n".join(table))
     notes_path = os.path.join(HERE, "NOTES.md")
     if os.path.exists(notes_path):

@@ -140,6 +140,7 @@ class TokenSigner:
 
     def __init__(self, key: str):
         self._key = key.encode()
+        self._verified = {}          # token -> claims: a MAC is checked once per token, not once per request
 
     def _mac(self, payload: bytes) -> bytes:
         return hmac.new(self._key, self.PREFIX + payload, hashlib.sha256).digest()
@@ -150,6 +151,17 @@ class TokenSigner:
         return f"ctl1.{payload.decode()}.{mac.decode()}"
 
     def claims(self, token: str):
+        """(peer_id, generation, role, scope, expires) if the token is genuine; see _check."""
+        if token in self._verified:
+            return self._verified[token]
+        found = self._check(token)
+        if found is not None:
+            if len(self._verified) >= 4096:
+                self._verified.clear()
+            self._verified[token] = found
+        return found
+
+    def _check(self, token: str):
         """(peer_id, generation, role, scope, expires) if the MAC is right and the token is spelled exactly
         as minted (one canonical spelling: no padding games, no stray characters), else None."""
         parts = token.split(".")

@@ -283,7 +283,7 @@ class Broker:
                     self.store.record_event(actor.room_id, "content_flagged", actor.name,
                                             f"{req.method} {req.path}: {field} (rule {rule})", time.time())
             result = route.handler(self, actor, params)
-            return result if isinstance(result, Park) else (200, result, self._room_header(actor))
+            return result if isinstance(result, Park) else (200, result, self._room_header(actor, req.path == "/inbox"))
         except ApiError as err:
             self._note_refusal(err, actor, req)
             return err.status, err.body(), self._room_header(actor)
@@ -297,12 +297,13 @@ class Broker:
             log(f"internal error on {escape_for_log(req.method)} {escape_for_log(req.path)}:\n{traceback.format_exc()}")
             return 500, {"error": {"code": "internal", "message": "internal error; see the broker log"}}
 
-    def _room_header(self, actor) -> dict:
-        """Sessions learn of a pause or stop, and of unread mail, on their very next call, whatever it was."""
+    def _room_header(self, actor, inbox: bool = False) -> dict:
+        """Sessions learn of a pause or stop, and of unread mail, on their very next call (an inbox read
+        carries the mail itself)."""
         if actor is None or actor.peer is None:
             return {}
         headers = {"X-CTL-Room": self.store.room_state(actor.peer["room_id"])}
-        if actor.kind == "peer":
+        if actor.kind == "peer" and not inbox:
             unread = self.store.unread_summary(actor.peer["id"])
             headers["X-CTL-Unread"] = str(unread["unread"]) + (
                 f"; from={unread['latest_from']}; category={unread['latest_category']}" if unread["unread"] else "")

@@ -127,6 +127,7 @@ def open_database(path: str) -> sqlite3.Connection:
     db.execute("PRAGMA synchronous=FULL")
     db.execute("PRAGMA journal_size_limit=8388608")     # the WAL shrinks back to 8 MiB after a checkpoint
     db.execute("PRAGMA busy_timeout=20")                # another process's write lock costs us 20 ms, not 5 s
+    db.execute("PRAGMA wal_autocheckpoint=4000")        # under load; the loop checkpoints whenever it is idle
     version = db.execute("PRAGMA user_version").fetchone()[0]
     tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     if version == 0 and "room" in tables:
@@ -230,13 +231,14 @@ class Store:
     def __init__(self, db_path: str, settings: Settings):
         self.settings = settings
         self.db = open_database(db_path)
-        self.room_states = {r["id"]: r["state"] for r in self.db.execute("SELECT id, state FROM rooms")}
+        self._load_rooms()
         self.limiter = RateLimiter(settings.rate_limit)
         self.join_limiter = RateLimiter(settings.join_rate, "joins")
         self.version = int(time.time() * 1000)   # bumps on every change the dashboard draws
         self.woken = set()                      # peer ids whose waiting reads should be retried
         self.wake_everyone = False
         self._savepoints = itertools.count()
+        self._counts = {}                       # room id -> (version, tasks per status)
 
     @contextlib.contextmanager
     def tx(self):
@@ -259,6 +261,12 @@ class Store:
             raise
         self.db.execute("COMMIT")
 
+    def _load_rooms(self) -> None:
+        """Room states and which rooms are archived: read on every request, so kept in memory."""
+        rows = self.db.execute("SELECT id, state, archived_at FROM rooms").fetchall()
+        self.room_states = {r["id"]: r["state"] for r in rows}
+        self.archived = {r["id"] for r in rows if r["archived_at"] is not None}
+
     def begin_batch(self) -> bool:
         """Open the loop's group-commit transaction; False (run each request on its own) if another process
         holds the write lock, so reads still answer and writes fail fast with 503."""
@@ -275,7 +283,8 @@ class Store:
         except sqlite3.Error:
             with contextlib.suppress(sqlite3.Error):
                 self.db.execute("ROLLBACK")
-            self.room_states = {r["id"]: r["state"] for r in self.db.execute("SELECT id, state FROM rooms")}
+            self._changed()                     # what was cached from the lost batch is stale
+            self._load_rooms()
             return False
 
     def close(self) -> None:
@@ -295,11 +304,12 @@ class Store:
             raise ApiError(404, "unknown_room", f"no room {room_id}; GET /rooms lists them")
         return row
 
-    def _open_room(self, room_id: int):
-        row = self.room(room_id)
-        if row["archived_at"] is not None:
-            raise ApiError(409, "room_archived", f"room {row['name']} is archived: its history is read-only")
-        return row
+    def _open_room(self, room_id: int) -> None:
+        """Refuse changes to an archived room (which rooms are archived is known in memory)."""
+        if room_id not in self.room_states:
+            self.room(room_id)                  # 404 for a room that does not exist
+        if room_id in self.archived:
+            raise ApiError(409, "room_archived", "that room is archived: its history is read-only")
 
     def _room_for_join(self, key: str, name: str, root, now: float):
         row = self.db.execute("SELECT * FROM rooms WHERE key=? AND archived_at IS NULL", (key,)).fetchone()
@@ -321,24 +331,25 @@ class Store:
         cutoff = self._alive_cutoff(now)
         rows = self.db.execute(
             "SELECT r.*, (SELECT COUNT(*) FROM peers p WHERE p.room_id=r.id AND p.status='active' AND p.last_seen>=?) "
-            "AS alive, (SELECT COUNT(*) FROM tasks t WHERE t.room_id=r.id) AS tasks, "
-            "(SELECT COUNT(*) FROM tasks t WHERE t.room_id=r.id AND t.status='done') AS done "
-            "FROM rooms r ORDER BY r.archived_at IS NOT NULL, r.id DESC", (cutoff,)).fetchall()
+            "AS alive FROM rooms r ORDER BY r.archived_at IS NOT NULL, r.id DESC", (cutoff,)).fetchall()
+        counts = {r["id"]: self.task_counts(r["id"]) for r in rows}
         return [{"id": r["id"], "name": r["name"], "root": r["root"], "state": r["state"],
-                 "archived": r["archived_at"] is not None, "peers_alive": r["alive"], "tasks_done": r["done"],
-                 "tasks_total": r["tasks"], "blockers_waiting": self._open_blockers(r["id"]),
+                 "archived": r["archived_at"] is not None, "peers_alive": r["alive"], "tasks_done": counts[r["id"]]["done"],
+                 "tasks_total": sum(counts[r["id"]].values()), "blockers_waiting": self._open_blockers(r["id"]),
                  "created_at": round(r["created_at"], 3),
                  "archived_at": round(r["archived_at"], 3) if r["archived_at"] else None} for r in rows]
 
     def archive_room(self, room_id: int, now: float) -> dict:
         """The team is done: the room becomes read-only history and the project's next join opens a fresh one."""
         with self.tx():
-            room = self._open_room(room_id)
+            self._open_room(room_id)
+            room = self.room(room_id)
             for peer in self.db.execute("SELECT id FROM peers WHERE room_id=? AND status='active'", (room_id,)):
                 self._release_peer(peer["id"], "closed", now, "room archived")
             self.db.execute("UPDATE rooms SET archived_at=? WHERE id=?", (now, room_id))
             self._event(room_id, now, "room_archived", "operator", room["name"])
             self._changed()
+        self.archived.add(room_id)
         self.wake_everyone = True
         return {"archived": room["name"], "room": room_id}
 
@@ -396,7 +407,10 @@ class Store:
             return self._reap(now)
 
     def _touch(self, peer, now: float) -> None:
-        """Renew the peer's lease; a peer that was declared dead comes back, without its old claims."""
+        """Renew the peer's lease (at most once a second: a lease is tens of seconds); a peer that was
+        declared dead comes back, without its old claims."""
+        if peer["status"] == "active" and now - peer["last_seen"] < 1.0:
+            return
         self.db.execute("UPDATE peers SET last_seen=?, status='active' WHERE id=?", (now, peer["id"]))
         if peer["status"] != "active":
             self._changed()
@@ -468,7 +482,6 @@ class Store:
 
     def heartbeat(self, peer, summary, reach, now: float) -> dict:
         with self.tx():
-            self._reap(now)
             self._touch(peer, now)
             if summary is not None:
                 self.db.execute("UPDATE peers SET summary=? WHERE id=?", (summary, peer["id"]))
@@ -513,15 +526,14 @@ class Store:
 
     def send(self, actor: Actor, to: str, content: str, category: str, flag, now: float) -> dict:
         room_id = actor.room_id
-        with self.tx():
-            self._reap(now)
+        with self.tx():                             # recipients are checked alive one by one: no sweep needed
             self._open_room(room_id)
             state = self.room_state(room_id)
             sender_id = actor.peer["id"] if actor.peer is not None else None
             if sender_id is not None:
                 self._touch(actor.peer, now)
             recipients = self._recipients(room_id, to, sender_id, now)
-            architect = self._architect(room_id, now)
+            architect = self._architect(room_id, now) if category == "blocker" else None
             if category == "blocker" and architect is not None and architect["id"] != sender_id \
                     and all(r["id"] != architect["id"] for r in recipients):
                 recipients.append(architect)
@@ -688,9 +700,8 @@ class Store:
         room_id = actor.room_id
         with self.tx():
             self._open_room(room_id)
-            count, top = self.db.execute("SELECT COUNT(*), COALESCE(MAX(id), 0) FROM tasks WHERE room_id=?",
-                                         (room_id,)).fetchone()
-            if count >= LIMITS["tasks"]:
+            top = self.db.execute("SELECT COALESCE(MAX(id), 0) FROM tasks WHERE room_id=?", (room_id,)).fetchone()[0]
+            if sum(self.task_counts(room_id).values()) >= LIMITS["tasks"]:
                 raise ApiError(507, "too_many_tasks", f"a room holds at most {LIMITS['tasks']} tasks")
             self._check_deps_exist(room_id, depends_on)
             task_id = top + 1
@@ -744,9 +755,7 @@ class Store:
         """A listing that stays short in a long-lived room: at most LIMITS['task_list'] tasks; without a status,
         the open ones and only the most recent few done ones (the rest counted)."""
         cap = LIMITS["task_list"]
-        counts = dict.fromkeys(TASK_STATUSES, 0)
-        for row in self.db.execute("SELECT status, COUNT(*) FROM tasks WHERE room_id=? GROUP BY status", (room_id,)):
-            counts[row[0]] = row[1]
+        counts = self.task_counts(room_id)
         if status:
             rows = self.db.execute("SELECT * FROM tasks WHERE room_id=? AND status=? ORDER BY id LIMIT ?",
                                    (room_id, status, cap)).fetchall()
@@ -759,6 +768,18 @@ class Store:
             rows = rows + sorted(done, key=lambda r: r["id"])
             shown_total = sum(counts.values())
         return {"tasks": self._task_views(room_id, rows), "counts": counts, "not_shown": shown_total - len(rows)}
+
+    def task_counts(self, room_id: int) -> dict:
+        """Tasks per status, counted once per change of the room's state rather than on every listing
+        (100,000 tasks take milliseconds to count)."""
+        cached = self._counts.get(room_id)
+        if cached is not None and cached[0] == self.version:
+            return dict(cached[1])
+        counts = dict.fromkeys(TASK_STATUSES, 0)
+        for row in self.db.execute("SELECT status, COUNT(*) FROM tasks WHERE room_id=? GROUP BY status", (room_id,)):
+            counts[row[0]] = row[1]
+        self._counts[room_id] = (self.version, counts)
+        return dict(counts)
 
     def claim(self, peer, task_id, now: float) -> dict:
         room_id = peer["room_id"]
@@ -1024,9 +1045,9 @@ class Store:
                     self.db.execute(f"DELETE FROM events WHERE {scope} AND id <= ?", (keep_from[0],))
 
     def _open_blockers(self, room_id: int) -> int:
-        return self.db.execute(
-            "SELECT COUNT(DISTINCT m.id) FROM messages m JOIN deliveries d ON d.message_id = m.id "
-            "WHERE m.room_id=? AND m.category='blocker' AND d.acked_at IS NULL", (room_id,)).fetchone()[0]
+        return self.db.execute(                 # from the room's unread deliveries, never a scan of all messages
+            "SELECT COUNT(DISTINCT d.message_id) FROM peers p JOIN deliveries d ON d.peer_id = p.id AND d.acked_at IS NULL "
+            "JOIN messages m ON m.id = d.message_id WHERE p.room_id=? AND m.category='blocker'", (room_id,)).fetchone()[0]
 
     def snapshot(self, room_id: int, since, after_message: int, after_event: int, now: float) -> dict:
         room = self.room(room_id)
