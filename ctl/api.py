@@ -283,10 +283,6 @@ def r_lock(broker, actor, b):
     return broker.store.lock(actor.peer, b["path"], b["reason"], time.time())
 
 
-def r_lock_status(broker, actor, q):
-    return broker.store.lock_status(actor.peer, q["path"])
-
-
 def r_unlock(broker, actor, b):
     return broker.store.unlock(actor, b["path"], time.time())
 
@@ -379,7 +375,6 @@ ROUTES = {
     ("POST", "/locks"): Route(r_lock, PEER, {
         "path": Field("text", required=True, limit=LIMITS["path"]),
         "reason": Field("text", limit=LIMITS["reason"], minimum=0, default="")}, mutates=True),
-    ("GET", "/locks/status"): Route(r_lock_status, PEER, {"path": Field("text", required=True, limit=LIMITS["path"])}),
     ("POST", "/locks/release"): Route(r_unlock, PEER_OR_OPERATOR, {
         "path": Field("text", required=True, limit=LIMITS["path"])}),
     ("GET", "/locks"): Route(r_locks, READERS, {}),

@@ -897,12 +897,6 @@ class Store:
             return self._lock_view(self.db.execute("SELECT * FROM locks WHERE room_id=? AND path=?",
                                                    (room_id, real)).fetchone())
 
-    def lock_status(self, peer, path: str) -> dict:
-        """Who holds a path (for the edit hook): a read, no lock taken."""
-        real = resolve_lock_path(peer["root"], path) if peer["root"] else None
-        row = self.db.execute("SELECT * FROM locks WHERE room_id=? AND path=?", (peer["room_id"], real)).fetchone()
-        return {"path": path, "lock": self._lock_view(row) if row else None}
-
     def unlock(self, actor: Actor, path: str, now: float) -> dict:
         room_id = actor.room_id
         with self.tx():
