@@ -2,7 +2,6 @@
 
 Kept small and free of heavy imports so that `mcp_server.py` starts fast.
 """
-import argparse
 import base64
 import binascii
 import hashlib
@@ -10,8 +9,8 @@ import hmac
 import json
 import os
 import secrets
+import socket
 import stat
-import subprocess
 import time
 
 from ctl import entry_command, user_command
@@ -31,7 +30,7 @@ class StateError(Exception):
     """The state directory or one of its files is unsafe or unreadable; the message says how to fix it."""
 
 
-def add_location_args(parser: argparse.ArgumentParser) -> None:
+def add_location_args(parser) -> None:
     parser.add_argument("--port", type=int, default=None,
                         help=f"broker port (env CTL_PORT, default {DEFAULT_PORT})")
     parser.add_argument("--state-dir", default=None,
@@ -191,19 +190,61 @@ def challenge_proof(key: str, nonce: str, port: int) -> str:
     return hmac.new(key.encode(), CHALLENGE_PREFIX + bound, hashlib.sha256).hexdigest()
 
 
-def _http():
-    """http.client drags in the email package (about 30 ms): imported on first use, so that an MCP
-    session answers initialize and tools/list before it has ever needed the broker."""
-    import http.client
-    return http.client
-
-
 class BrokerUnavailable(Exception):
     """Nothing answers on the broker port, or what answers is not our broker."""
 
 
+class _Wire:
+    """One keep-alive HTTP/1.1 connection: just enough HTTP for the broker's own JSON answers (always
+    Content-Length, never chunked). Written here because http.client imports the email package, which
+    costs every hook process and MCP server start about 30 ms."""
+
+    MAX_ANSWER = 8 << 20
+
+    def __init__(self, port: int, timeout: float):
+        self.sock = socket.create_connection((HOST, port), timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buffer = b""
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _fill(self) -> None:
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("the connection closed mid-answer")
+        self.buffer += chunk
+        if len(self.buffer) > self.MAX_ANSWER:
+            raise ConnectionError("the answer is too large")
+
+    def exchange(self, method: str, path: str, headers: dict, payload):
+        """Send one request; return (status, {lower-case header: value}, body bytes)."""
+        head = [f"{method} {path} HTTP/1.1"] + [f"{k}: {v}" for k, v in headers.items()]
+        if payload is not None:
+            head.append(f"Content-Length: {len(payload)}")
+        self.sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + (payload or b""))
+        while b"\r\n\r\n" not in self.buffer:
+            self._fill()
+        block, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
+        status_line, *lines = block.decode("latin-1").split("\r\n")
+        parts = status_line.split(" ", 2)
+        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+            raise ConnectionError("the answer is not HTTP")
+        fields = {}
+        for line in lines:
+            name, _, value = line.partition(":")
+            fields[name.strip().lower()] = value.strip()
+        length = fields.get("content-length", "0")
+        if not length.isdigit():
+            raise ConnectionError("the answer has no usable Content-Length")
+        while len(self.buffer) < int(length):
+            self._fill()
+        body, self.buffer = self.buffer[:int(length)], self.buffer[int(length):]
+        return int(parts[1]), fields, body
+
+
 class BrokerClient:
-    """A keep-alive JSON client for the broker; one per thread (http.client connections are not shared).
+    """A keep-alive JSON client for the broker; one per thread (a connection is not shared).
 
     With `verify_key`, every new connection first proves the peer holds that HMAC key, so a process
     squatting on the port never sees a token.
@@ -223,20 +264,17 @@ class BrokerClient:
             self._conn = None
 
     def _exchange(self, method: str, path: str, payload, headers: dict):
-        self._conn.request(method, path, body=payload, headers=headers)
-        response = self._conn.getresponse()
-        raw = response.read()
-        if response.getheader("Connection", "").lower() == "close":
+        status, self.headers, raw = self._conn.exchange(method, path, headers, payload)
+        if self.headers.get("connection", "").lower() == "close":
             self.close()
         try:
             data = json.loads(raw) if raw else {}
         except ValueError:
             data = {"error": {"code": "bad_response", "message": raw[:200].decode(errors="replace")}}
-        self.headers = {k.lower(): v for k, v in response.getheaders()}
-        return response.status, data
+        return status, data
 
     def _connect(self, timeout: float) -> None:
-        self._conn = _http().HTTPConnection(HOST, self.port, timeout=timeout)
+        self._conn = _Wire(self.port, timeout)
         if self.verify_key is None:
             return
         nonce = secrets.token_hex(16)
@@ -260,11 +298,9 @@ class BrokerClient:
             try:
                 if self._conn is None:
                     self._connect(wait)
-                self._conn.timeout = wait
-                if self._conn.sock is not None:
-                    self._conn.sock.settimeout(wait)
+                self._conn.sock.settimeout(wait)
                 return self._exchange(method, path, payload, headers)
-            except (ConnectionError, _http().HTTPException, OSError) as exc:
+            except OSError as exc:                  # ConnectionError and TimeoutError are OSErrors too
                 self.close()
                 if attempt == 2 or isinstance(exc, (ConnectionRefusedError, TimeoutError)):
                     raise BrokerUnavailable(f"broker on port {self.port} is unreachable: {exc}") from exc
@@ -291,6 +327,7 @@ def broker_running(port: int, state_dir: str) -> bool:
 def spawn_broker(port: int, state_dir: str, wait: float = 10.0) -> None:
     """Start a detached broker (log in the state directory) and wait until a broker proves itself there:
     ours, or one another session started at the same moment (the loser of that race exits at once)."""
+    import subprocess                   # here, not at the top: hooks and MCP servers start faster without it
     ensure_state_dir(state_dir)
     log_path = os.path.join(state_dir, "broker.log")
     with open(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as log:

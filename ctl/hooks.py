@@ -14,7 +14,6 @@ path it last saw locked by another peer, which stays closed.
 """
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -191,6 +190,7 @@ def session_start(event: dict, peer: Peer) -> None:
 
 
 def staged_files(top: str) -> list:
+    import subprocess
     out = subprocess.run(["git", "diff", "--cached", "--name-only", "-z"], cwd=top, capture_output=True, timeout=20)
     return [os.path.realpath(os.path.join(top, name)) for name in out.stdout.decode(errors="replace").split("\0") if name]
 
@@ -199,6 +199,7 @@ def git_pre_commit(state_dir: str, port: int) -> int:
     """Refuse a commit touching files other peers of this project's room hold. CTL_GIT_GUARD=0 bypasses it."""
     if os.environ.get("CTL_GIT_GUARD") == "0":
         return 0
+    import subprocess                   # only the git guard runs programs; the edit hook stays light
     top = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True, timeout=20)
     if top.returncode != 0:
         return 0

@@ -35,6 +35,7 @@ CREATE TABLE messages(
   origin TEXT NOT NULL, recipient TEXT NOT NULL, category TEXT NOT NULL, content TEXT NOT NULL,
   created_at REAL NOT NULL, flag TEXT);
 CREATE INDEX messages_room ON messages(room_id, id);
+CREATE INDEX messages_blockers ON messages(room_id, id) WHERE category = 'blocker';
 CREATE TABLE deliveries(
   id INTEGER PRIMARY KEY, peer_id INTEGER NOT NULL, message_id INTEGER NOT NULL, acked_at REAL);
 CREATE INDEX deliveries_unread ON deliveries(peer_id, id) WHERE acked_at IS NULL;
@@ -46,6 +47,7 @@ CREATE TABLE tasks(
   PRIMARY KEY(room_id, id));
 CREATE INDEX tasks_status ON tasks(room_id, status, id);
 CREATE INDEX tasks_assignee ON tasks(assignee_id) WHERE assignee_id IS NOT NULL;
+CREATE INDEX tasks_done ON tasks(room_id, done_at) WHERE status = 'done';
 CREATE TABLE task_deps(
   room_id INTEGER NOT NULL, task_id INTEGER NOT NULL, depends_on INTEGER NOT NULL,
   PRIMARY KEY(room_id, task_id, depends_on));
@@ -763,8 +765,8 @@ class Store:
         else:
             rows = self.db.execute("SELECT * FROM tasks WHERE room_id=? AND status != 'done' ORDER BY id LIMIT ?",
                                    (room_id, cap)).fetchall()
-            done = self.db.execute("SELECT * FROM tasks WHERE room_id=? AND status='done' ORDER BY done_at DESC, id DESC "
-                                   "LIMIT ?", (room_id, LIMITS["recent_done"])).fetchall()
+            done = self.db.execute("SELECT * FROM tasks INDEXED BY tasks_done WHERE room_id=? AND status='done' "
+                                   "ORDER BY done_at DESC LIMIT ?", (room_id, LIMITS["recent_done"])).fetchall()
             rows = rows + sorted(done, key=lambda r: r["id"])
             shown_total = sum(counts.values())
         return {"tasks": self._task_views(room_id, rows), "counts": counts, "not_shown": shown_total - len(rows)}
@@ -1039,9 +1041,10 @@ class Store:
                     self.db.execute(f"DELETE FROM events WHERE {scope} AND id <= ?", (keep_from[0],))
 
     def _open_blockers(self, room_id: int) -> int:
-        return self.db.execute(                 # from the room's unread deliveries, never a scan of all messages
-            "SELECT COUNT(DISTINCT d.message_id) FROM peers p JOIN deliveries d ON d.peer_id = p.id AND d.acked_at IS NULL "
-            "JOIN messages m ON m.id = d.message_id WHERE p.room_id=? AND m.category='blocker'", (room_id,)).fetchone()[0]
+        return self.db.execute(                 # the room's blockers (a partial index), then their deliveries
+            "SELECT COUNT(DISTINCT m.id) FROM messages m INDEXED BY messages_blockers JOIN deliveries d "
+            "ON d.message_id = m.id WHERE m.room_id=? AND m.category='blocker' AND d.acked_at IS NULL",
+            (room_id,)).fetchone()[0]
 
     def snapshot(self, room_id: int, since, after_message: int, after_event: int, now: float) -> dict:
         room = self.room(room_id)

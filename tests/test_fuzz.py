@@ -93,6 +93,8 @@ class BrokerFuzzTest(unittest.TestCase):
                 data[rng.choice(list(data))] = random_value(rng)
             elif mutation == 4:
                 data[rng.choice(["\ud800", "a\udfff", "\udbff\udc00x"])] = rng.choice(["\ud800", 1, "x"])
+            elif mutation == 5 and any(isinstance(v, str) for v in data.values()):
+                data[rng.choice([k for k, v in data.items() if isinstance(v, str)])] = rng.choice(HOSTILE)
             encoded = json.dumps(data).encode()
             shape = rng.randrange(14)
             body = (encoded if shape < 10 else encoded[: rng.randrange(max(1, len(encoded)))] if shape == 6
