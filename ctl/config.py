@@ -58,7 +58,8 @@ LIMITS = {"title": 200, "description": 4000, "content": 8000, "summary": 2000, "
           "tasks": 100_000, "memory_keys": 256,
           "live_peers": 128,         # live sessions in one room
           "locks_per_peer": 256,
-          "task_list": 200,          # tasks one listing returns; the rest are counted
+          "task_list": 50,           # tasks one listing returns; the rest are counted
+          "unread_shown": 1000,      # the dashboard counts a peer's unread mail up to this, then says "1000+"
           "recent_done": 5}          # done tasks an unfiltered listing shows
 GONE_PEER_DAYS = 7                   # dead or departed peers (and their unread mail) are pruned after this
 

@@ -1061,9 +1061,10 @@ class Store:
             claims.setdefault(peer_id, []).append(task_id)
         for peer_id, display in self.db.execute("SELECT holder_id, display FROM locks WHERE room_id=?", (room_id,)):
             locks.setdefault(peer_id, []).append(display)
-        for row in peers:
-            unread[row["id"]] = self.db.execute("SELECT COUNT(*) FROM deliveries WHERE peer_id=? AND acked_at IS NULL",
-                                                (row["id"],)).fetchone()[0]
+        for row in peers:                       # counted up to a bound: a poll's cost must not grow with a backlog
+            unread[row["id"]] = self.db.execute(
+                "SELECT COUNT(*) FROM (SELECT 1 FROM deliveries WHERE peer_id=? AND acked_at IS NULL LIMIT ?)",
+                (row["id"], LIMITS["unread_shown"])).fetchone()[0]
         view["peers"] = [{**self.peer_view(r, now), "claims": claims.get(r["id"], []), "locks": locks.get(r["id"], []),
                           "unread": unread[r["id"]]} for r in peers]
         if since != self.version:
