@@ -502,6 +502,8 @@ def hook_latency(ours, runs: int) -> dict:
     """The PreToolUse hook process, started by a stand-in for Claude Code the way Claude Code starts it:
     median and p99 ms for an edit inside the project (a lock taken) and outside it (no broker call)."""
     import socket
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from agent_shim import read_line
     project = tempfile.mkdtemp(prefix="bench-hook-")
     os.makedirs(os.path.join(project, ".git"))
     shim_socket = os.path.join(tempfile.mkdtemp(), "agent.sock")
@@ -530,9 +532,7 @@ def hook_latency(ours, runs: int) -> dict:
                 with socket.socket(socket.AF_UNIX) as sock:
                     sock.connect(shim_socket)
                     sock.sendall(json.dumps(request).encode() + b"\n")
-                    reply = b""
-                    while not reply.endswith(b"\n"):
-                        reply += sock.recv(65536)
+                    reply = read_line(sock)
                 timings.append((time.perf_counter() - started) * 1000)
                 assert json.loads(reply)["code"] == 0
             timings.sort()

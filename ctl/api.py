@@ -241,9 +241,14 @@ def r_inbox(broker, actor, q):
     peer_id, room_id = actor.peer["id"], actor.room_id
 
     def attempt(final):
+        gone = broker.PEER_GONE.get(broker.store.peer_by_id(peer_id)["status"])
+        if gone is not None:                    # kicked, archived or left while waiting: say so, do not wait on
+            raise ApiError(401, *gone)
         batch = broker.store.inbox(peer_id, room_id, q["limit"])
         return batch if batch["messages"] or final or batch["room"] == "stopped" else None
 
+    if actor.kind == "watch" and q["wait"]:
+        broker.store.note_reach(actor.peer, "watcher")
     first = broker.store.inbox(peer_id, room_id, q["limit"], q["ack"], time.time())
     if first["messages"] or q["wait"] == 0 or first["room"] == "stopped":
         return first

@@ -367,6 +367,10 @@ class HttpLoop:
     def _finish_park(self, conn: Connection, final: bool) -> None:
         try:
             result = conn.park.attempt(final)
+        except ApiError as err:
+            conn.park = None
+            self._respond(conn, err.status, err.body())
+            return
         except Exception:
             log(f"waiting read failed:\n{traceback.format_exc()}")
             result = {"error": {"code": "internal", "message": "internal error; see the broker log"}}

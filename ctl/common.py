@@ -92,9 +92,8 @@ def check_private_file(path: str) -> bool:
     return True
 
 
-def write_secret(state_dir: str, name: str) -> None:
-    """A new random secret, replacing any old one in one rename (0600, fsynced)."""
-    path = os.path.join(state_dir, name)
+def _fresh_secret_file(path: str) -> str:
+    """A new random secret in a 0600 temporary file beside `path`, fsynced; returns the temporary path."""
     tmp = f"{path}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
@@ -102,7 +101,13 @@ def write_secret(state_dir: str, name: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-    os.replace(tmp, path)
+    return tmp
+
+
+def write_secret(state_dir: str, name: str) -> None:
+    """A new random secret, replacing any old one in one rename."""
+    path = os.path.join(state_dir, name)
+    os.replace(_fresh_secret_file(path), path)
 
 
 def read_secret(state_dir: str, name: str, create: bool = False) -> str:
@@ -111,15 +116,9 @@ def read_secret(state_dir: str, name: str, create: bool = False) -> str:
     if not check_private_file(path):
         if not create:
             raise StateError(f"{path} is missing; start the broker first ({user_command('launch')})")
-        tmp = f"{path}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        tmp = _fresh_secret_file(path)
         try:
-            os.write(fd, secrets.token_urlsafe(32).encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            os.link(tmp, path)
+            os.link(tmp, path)                  # the first writer wins a race; the others read its secret
         except FileExistsError:
             pass
         finally:

@@ -26,7 +26,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
-from ctl import CHECKOUT, common, entry_command, user_command
+from ctl import CHECKOUT, ENTRY_POINTS, common, entry_command, user_command
 
 SERVER_NAME = "ctl"     # short on purpose: it prefixes every tool name the model sees
 PLUGIN_ID = "ctl@control-tower-lite"
@@ -63,16 +63,11 @@ def location_args(args) -> list:
 
 def portable_command(name: str) -> list:
     """For files shared in a repository: the installed command if there is one, else `python3 <path>`."""
-    flat, module, script = _entry(name)
+    flat, module, script = ENTRY_POINTS[name]
     if shutil.which(script) and not os.path.isfile(os.path.join(CHECKOUT, flat)):
         return [script]
     command = entry_command(name)
     return ["python3", *command[1:]]
-
-
-def _entry(name: str):
-    from ctl import ENTRY_POINTS
-    return ENTRY_POINTS[name]
 
 
 def server_command(args) -> list:

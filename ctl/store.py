@@ -488,11 +488,17 @@ class Store:
             if summary is not None:
                 self.db.execute("UPDATE peers SET summary=? WHERE id=?", (summary, peer["id"]))
                 self._changed()
-            if reach is not None and reach != peer["reach"]:
-                self.db.execute("UPDATE peers SET reach=? WHERE id=?", (reach, peer["id"]))
-                self._changed()
+            if reach is not None:
+                self.note_reach(peer, reach)
         return {"room": self.room_state(peer["room_id"]), "lease_seconds": self.settings.lease_seconds,
                 **self.unread_summary(peer["id"])}
+
+    def note_reach(self, peer, reach: str) -> None:
+        """How the peer hears messages now (push, a watcher, hooks, or its next tool call), for the peer list."""
+        if reach != peer["reach"]:
+            with self.tx():
+                self.db.execute("UPDATE peers SET reach=? WHERE id=?", (reach, peer["id"]))
+            self._changed()
 
     def unread_summary(self, peer_id: int) -> dict:
         """How many messages wait, and from whom the latest: the one-line notice every tool result carries."""

@@ -12,17 +12,22 @@ import sys
 import threading
 
 
+def read_line(sock: socket.socket) -> bytes:
+    """One newline-ended message from the socket (both ends of the shim's protocol use it)."""
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
 def serve(listener: socket.socket) -> None:
     while True:
         conn, _ = listener.accept()
         with conn:
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = conn.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-            request = json.loads(data)
+            request = json.loads(read_line(conn))
             done = subprocess.run(request["argv"], input=request["stdin"].encode(), capture_output=True,
                                   env={**os.environ, **request.get("env", {})}, cwd=request.get("cwd"), timeout=60)
             conn.sendall(json.dumps({"code": done.returncode, "stdout": done.stdout.decode(errors="replace"),

@@ -17,6 +17,7 @@ sys.path.insert(0, ROOT)
 
 from ctl import common as ctl_common  # noqa: E402
 from ctl import launch  # noqa: E402
+from agent_shim import read_line  # noqa: E402
 
 BROKER = os.path.join(ROOT, "broker.py")
 MCP_SERVER = os.path.join(ROOT, "mcp_server.py")
@@ -331,13 +332,7 @@ class McpSession:
             sock.settimeout(60)
             sock.connect(self.agent_socket)
             sock.sendall(json.dumps(request).encode() + b"\n")
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-        reply = json.loads(data)
+            reply = json.loads(read_line(sock))
         return reply["code"], (json.loads(reply["stdout"]) if reply["stdout"].strip() else None), reply["stderr"]
 
     def close(self, timeout=10.0):
