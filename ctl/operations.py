@@ -194,9 +194,9 @@ def what_answers(port: int, state_dir: str) -> str:
         return "ours"
     try:
         with socket.create_connection((common.HOST, port), timeout=1) as sock:
-            sock.sendall(f"GET / HTTP/1.0\r\nHost: {common.HOST}:{port}\r\n\r\n".encode())
+            sock.sendall(f"GET /health HTTP/1.0\r\nHost: {common.HOST}:{port}\r\n\r\n".encode())
             sock.settimeout(1)
-            head = sock.recv(512)
+            head = sock.recv(4096)
     except ConnectionRefusedError:
         return "nothing"
     except OSError:
@@ -206,6 +206,8 @@ def what_answers(port: int, state_dir: str) -> str:
                    for line in head.split(b"\r\n") if line.lower().startswith(b"server:")), None)
     if not first.startswith("HTTP/"):
         return "something that does not speak HTTP"
+    if head.endswith(b'{"ok":true}') and server is None:
+        return "a Control Tower broker of another state directory"
     return f"another HTTP server ({server or first})"
 
 
