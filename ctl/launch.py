@@ -145,7 +145,7 @@ def launch(port: int, state_dir: str, args) -> int:
     found = registered_anywhere()
     if not found:
         print("\n!! No agent will talk to this broker yet: the MCP server is not registered with Claude Code."
-              f"\n!! Register it once:  {user_command('install')}" + (f" --port {port}" if port != common.DEFAULT_PORT else "")
+              f"\n!! Register it once:  {user_command('install')} --hooks" + (f" --port {port}" if port != common.DEFAULT_PORT else "")
               + "\n!! (or install the plugin: claude plugin marketplace add <this checkout>; "
               "claude plugin install ctl@control-tower-lite)")
         return 0
