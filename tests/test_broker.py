@@ -147,6 +147,9 @@ class RolesTest(BrokerTestCase):
         self.assertEqual((status, data["error"]["code"]), (409, "architect_seat_taken"))
         status, data = worker.call("POST", "/tasks", {"title": "sneaky"})
         self.assertEqual((status, data["error"]["code"]), (403, "architect_only"))
+        events = self.broker.operator().ok("GET", "/state")["events"]
+        self.assertTrue(any(e["kind"] == "forbidden" and e["actor"] == "builder" for e in events),
+                        "a refused known peer is named, not its socket address")
         status, data = worker.call("POST", "/memory", {"key": "k", "value": "v"})
         self.assertEqual(status, 403)
         status, data = worker.call("POST", "/operator/pause", {})
@@ -636,25 +639,38 @@ class DeadPeerTest(BrokerTestCase):
 
 
 class DurabilityTest(unittest.TestCase):
-    def test_kill9_during_writes_loses_nothing_acknowledged(self):
-        broker = BrokerProcess(env={"CTL_RATE_LIMIT": "1000000"}).start()
+    def test_kill9_under_concurrent_writers_loses_nothing_acknowledged(self):
+        """Sixteen writers at once, so the loop's group commit batches them; every answer with a 200 must
+        survive a kill -9 at an arbitrary moment: messages, tasks and memory alike."""
+        broker = BrokerProcess(env={"CTL_RATE_LIMIT": "1000000", "CTL_JOIN_RATE": "100000"}).start()
         try:
-            sender, reader = broker.join("d-send"), broker.join("d-read")
-            acknowledged, stop = [], threading.Event()
+            architect = broker.join("d-arch", role="architect")
+            reader = broker.join("d-read")
+            senders = [broker.join(f"d-send{i}") for i in range(12)]
+            acknowledged = {"message": [], "task": [], "memory": []}
+            lock, stop = threading.Lock(), threading.Event()
 
-            def write():
-                client = ctl_common.BrokerClient(broker.port, token=sender.token, timeout=2)
+            def write(token, kind, label):
+                client = ctl_common.BrokerClient(broker.port, token=token, timeout=2)
                 i = 0
                 while not stop.is_set():
+                    text = f"{label}-{i}"
+                    route, body = {"message": ("/messages", {"to": "d-read", "content": text}),
+                                   "task": ("/tasks", {"title": text}),
+                                   "memory": ("/memory", {"key": text, "value": text})}[kind]
                     try:
-                        status, data = client.request("POST", "/messages", {"to": "d-read", "content": f"m{i}"})
+                        status, _ = client.request("POST", route, body)
                     except ctl_common.BrokerUnavailable:
                         return
                     if status == 200:
-                        acknowledged.append(f"m{i}")
+                        with lock:
+                            acknowledged[kind].append(text)
                     i += 1
 
-            threads = [threading.Thread(target=write) for _ in range(3)]
+            jobs = [(s.token, "message", s.name) for s in senders] + \
+                [(architect.token, "task", f"task{i}") for i in range(2)] + \
+                [(architect.token, "memory", f"mem{i}") for i in range(2)]
+            threads = [threading.Thread(target=write, args=job) for job in jobs]
             for thread in threads:
                 thread.start()
             time.sleep(1.5)
@@ -662,7 +678,7 @@ class DurabilityTest(unittest.TestCase):
             stop.set()
             for thread in threads:
                 thread.join()
-            self.assertGreater(len(acknowledged), 50)
+            self.assertGreater(len(acknowledged["message"]), 100)
             broker.start()
             self.assertEqual(broker.integrity(), "ok")
             received = set()
@@ -672,13 +688,15 @@ class DurabilityTest(unittest.TestCase):
                     break
                 received.update(m["content"] for m in batch)
                 reader.ok("POST", "/inbox/ack", {"ids": [m["delivery_id"] for m in batch]})
-            self.assertEqual(set(acknowledged) - received, set())
+            self.assertEqual(set(acknowledged["message"]) - received, set(), "every acknowledged message is there")
+            db = sqlite3.connect(os.path.join(broker.state_dir, "broker.db"))
+            titles = {row[0] for row in db.execute("SELECT title FROM tasks")}
+            keys = {row[0] for row in db.execute("SELECT key FROM memory")}
+            db.close()
+            self.assertEqual(set(acknowledged["task"]) - titles, set(), "every acknowledged task is there")
+            self.assertEqual(set(acknowledged["memory"]) - keys, set(), "every acknowledged decision is there")
         finally:
             broker.cleanup()
-
-
-if __name__ == "__main__":
-    unittest.main()
 
 
 class RetentionTest(unittest.TestCase):
@@ -713,3 +731,7 @@ class RetentionTest(unittest.TestCase):
             self.assertEqual(store.db.execute("PRAGMA integrity_check").fetchone()[0], "ok")
         finally:
             store.close()
+
+
+if __name__ == "__main__":
+    unittest.main()
