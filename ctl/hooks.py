@@ -244,11 +244,12 @@ def find_peer(state_dir: str, wait: float):
 
 
 def main(argv=None) -> int:
+    """Parsed by hand: argparse would cost every edit a few milliseconds of import."""
     argv = sys.argv[1:] if argv is None else argv
-    port_arg = state_arg = None
+    options = {}
     while argv and argv[0] in ("--port", "--state-dir") and len(argv) > 1:
-        port_arg, state_arg = (argv[1], state_arg) if argv[0] == "--port" else (port_arg, argv[1])
-        argv = argv[2:]
+        options[argv[0]], argv = argv[1], argv[2:]
+    port_arg, state_arg = options.get("--port"), options.get("--state-dir")
     if len(argv) != 1 or argv[0] not in (*EVENTS, "git-pre-commit"):
         print(f"usage: hook.py [--port N] [--state-dir DIR] {{{','.join([*EVENTS, 'git-pre-commit'])}}}",
               file=sys.stderr)
@@ -268,9 +269,11 @@ def main(argv=None) -> int:
             EVENTS[argv[0]](event, peer)
         finally:
             peer.client.close()
-    except (BrokerUnavailable, StateError, OSError) as exc:
+    except Exception as exc:                # a hook never breaks the session: it fails open, visibly
         if argv[0] == "PreToolUse":
             emit({"systemMessage": f"Control Tower Lite hook could not check locks ({exc}); edit unguarded."})
+        elif not isinstance(exc, (BrokerUnavailable, StateError, OSError)):
+            print(f"ctl hook: {exc!r}", file=sys.stderr)
         return 0
     return 0
 
