@@ -51,7 +51,6 @@ EVENTS_KEPT = 2000
 PRUNE_EVERY = 30.0          # seconds between retention passes
 CATEGORIES = ("info", "question", "answer", "status", "handoff", "blocker")
 TASK_STATUSES = ("blocked", "ready", "claimed", "done")
-ROOM_STATES = ("running", "paused", "stopped")
 ROOM_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
 LIMITS = {"title": 200, "description": 4000, "content": 8000, "summary": 2000, "reason": 200,
           "path": 1024, "mem_key": 128, "mem_value": 8000, "files": 100, "depends_on": 50,
