@@ -273,7 +273,7 @@ def r_update_task(broker, actor, b):
 
 
 def r_tasks(broker, actor, q):
-    return broker.store.list_tasks(actor.room_id, q["status"])
+    return broker.store.list_tasks(actor.room_id, q["status"], q["after"])
 
 
 def r_claim(broker, actor, b):
@@ -371,7 +371,8 @@ ROUTES = {
         "title": Field("text", limit=LIMITS["title"]),
         "description": Field("text", limit=LIMITS["description"], minimum=0),
         "depends_on": Field("ids", limit=LIMITS["depends_on"])}, architect=True, mutates=True),
-    ("GET", "/tasks"): Route(r_tasks, READERS, {"status": Field("enum", choices=TASK_STATUSES)}),
+    ("GET", "/tasks"): Route(r_tasks, READERS, {"status": Field("enum", choices=TASK_STATUSES),
+                                                "after": Field("query_int", limit=2**53, minimum=0)}),
     ("POST", "/tasks/claim"): Route(r_claim, PEER, {"task_id": Field("int", limit=2**53)}, mutates=True),
     ("POST", "/tasks/complete"): Route(r_complete, PEER_OR_OPERATOR, {
         "task_id": TASK_ID,

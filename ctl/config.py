@@ -49,6 +49,7 @@ WRITE_TIMEOUT = 10.0
 MAX_WAIT_SECONDS = 60
 EVENTS_KEPT = 2000
 PRUNE_EVERY = 30.0          # seconds between retention passes
+QUIET_SECONDS = 5.0         # no writes for this long, and the idle broker truncates its WAL
 CATEGORIES = ("info", "question", "answer", "status", "handoff", "blocker")
 TASK_STATUSES = ("blocked", "ready", "claimed", "done")
 ROOM_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
@@ -57,8 +58,9 @@ LIMITS = {"title": 200, "description": 4000, "content": 8000, "summary": 2000, "
           "tasks": 100_000, "memory_keys": 256,
           "live_peers": 128,         # live sessions in one room
           "locks_per_peer": 256,
-          "task_list": 50,           # tasks one listing returns; the rest are counted
+          "task_list": 20,           # tasks one page of list_tasks returns; the rest are counted and paged
+          "dashboard_tasks": 200,    # tasks the dashboard draws; the rest are counted
           "unread_shown": 1000,      # the dashboard counts a peer's unread mail up to this, then says "1000+"
-          "recent_done": 5}          # done tasks an unfiltered listing shows
+          "recent_done": 3}          # done tasks an unfiltered listing shows
 GONE_PEER_DAYS = 7                   # dead or departed peers (and their unread mail) are pruned after this
 

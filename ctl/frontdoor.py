@@ -339,7 +339,7 @@ class Broker:
             if now >= self.next_prune:
                 self.next_prune = now + PRUNE_EVERY
                 self.store.prune(now)
-            if idle and os.path.exists(self.db_path + "-wal") and os.path.getsize(self.db_path + "-wal"):
+            if idle:
                 self.store.checkpoint()
         except sqlite3.Error as exc:
             log(f"tick failed (will retry): {exc}")

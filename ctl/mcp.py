@@ -390,16 +390,18 @@ def t_create_task(session, args):
 
 
 def t_list_tasks(session, args):
-    query = f"?status={args['status']}" if args.get("status") else ""
-    data = session.ok("GET", f"/tasks{query}")
+    query = "&".join(f"{k}={quote(str(args[k]))}" for k in ("status", "after") if args.get(k))
+    data = session.ok("GET", f"/tasks?{query}" if query else "/tasks")
     counts = ", ".join(f"{n} {s}" for s, n in data["counts"].items() if n)
     if not data["tasks"]:
         return data, f"No tasks{' with status ' + args['status'] if args.get('status') else ''} ({counts or 'none at all'})."
     nonce = secrets.token_hex(6)
     lines = [f"Tasks ({counts}):"] + [line for t in data["tasks"] for line in _task_block(t, nonce)]
-    if data["not_shown"]:
-        lines.append(f"{data['not_shown']} more not shown (older done tasks, or past the first "
-                     f"{len(data['tasks'])}); list_tasks with a status shows one kind.")
+    if data.get("next_after"):
+        again = f"status={args['status']!r}, " if args.get("status") else ""
+        lines.append(f"More after #{data['next_after']}: list_tasks with {again}after={data['next_after']}.")
+    elif data["not_shown"] and not args.get("status"):
+        lines.append(f"{data['not_shown']} older done tasks not shown; list_tasks with status='done' pages through them.")
     return data, "\n".join(lines)
 
 
@@ -504,9 +506,11 @@ TOOLS = [
          _obj(["title"], title=_text(200, minLength=1), description=_text(4000),
               depends_on={"type": "array", "items": TASK_ID_SCHEMA, "maxItems": 50, "uniqueItems": True}),
          TASK_OUT, _writes(), t_create_task),
-    Tool("list_tasks", "List tasks", "List tasks, optionally only those with one status.",
-         _obj([], status={"type": "string", "enum": ["blocked", "ready", "claimed", "done"]}),
-         _out(["tasks", "counts"], tasks={"type": "array", "items": TASK_OUT}, counts={"type": "object"}),
+    Tool("list_tasks", "List tasks", "List tasks, a page at a time: all open ones, or only one status.",
+         _obj([], status={"type": "string", "enum": ["blocked", "ready", "claimed", "done"]},
+              after={**TASK_ID_SCHEMA, "description": "the next_after of the previous page"}),
+         _out(["tasks", "counts"], tasks={"type": "array", "items": TASK_OUT}, counts={"type": "object"},
+              next_after=INT),
          READ_ONLY, t_list_tasks),
     Tool("claim_task", "Claim a task",
          "Claim a ready task (the next ready one if task_id is omitted). Exactly one claimer wins.",

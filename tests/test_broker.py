@@ -468,6 +468,35 @@ class TaskGraphTest(BrokerTestCase):
         self.assertEqual(status, 409, "a task is done exactly once")
         self.assertEqual(worker.call("GET", "/tasks?status=bogus")[0], 400)
 
+    def test_listing_pages_through_a_long_room(self):
+        architect = self.broker.join("pg-arch", role="architect", room="paging")
+        worker = self.broker.join("pg-work", room="paging")
+        ids = [architect.ok("POST", "/tasks", {"title": f"step {i}"})["id"] for i in range(47)]
+        for task_id in ids[:5]:
+            worker.ok("POST", "/tasks/claim", {"task_id": task_id})
+            worker.ok("POST", "/tasks/complete", {"task_id": task_id, "summary": "done"})
+        worker.ok("POST", "/tasks/claim", {"task_id": ids[5]})
+        seen, query, pages = [], "/tasks", 0
+        while True:
+            page = worker.ok("GET", query)
+            pages += 1
+            self.assertLessEqual(len(page["tasks"]), 20 + (3 if pages == 1 else 0), "a page stays short")
+            self.assertEqual(page["counts"], {"blocked": 0, "ready": 41, "claimed": 1, "done": 5})
+            seen += [t["id"] for t in page["tasks"] if t["status"] != "done"]
+            if pages == 1:
+                self.assertEqual([t["id"] for t in page["tasks"] if t["status"] == "done"], ids[2:5],
+                                 "the first page ends with the latest done tasks")
+            if "next_after" not in page:
+                break
+            query = f"/tasks?after={page['next_after']}"
+        self.assertEqual((seen, pages), (ids[5:], 3), "every open task exactly once, in id order")
+        done = worker.ok("GET", f"/tasks?status=done&after={ids[1]}")
+        self.assertEqual(([t["id"] for t in done["tasks"]], done["not_shown"]), (ids[2:5], 2))
+        self.assertNotIn("next_after", done)
+        for bad in ("-1", "x", "1.5"):
+            status, data = worker.call("GET", f"/tasks?after={bad}")
+            self.assertEqual((status, data["error"]["code"]), (400, "bad_value"), bad)
+
     def test_claim_race_has_exactly_one_winner(self):
         op = self.broker.operator()
         claimers = [self.broker.join(f"racer-{i}") for i in range(20)]

@@ -147,17 +147,22 @@ class GrowthTest(unittest.TestCase):
         finally:
             broker.cleanup()
 
-    def test_the_wal_is_checkpointed_when_idle(self):
+    def test_the_wal_is_folded_back_when_idle_and_truncated_when_quiet(self):
         broker = BrokerProcess(env={"CTL_RATE_LIMIT": "100000"}).start()
         try:
-            a, _ = broker.join("w-a"), broker.join("w-b")
+            a, b = broker.join("w-a"), broker.join("w-b")
             for i in range(300):
                 a.send("w-b", f"m{i} " + "x" * 500)
-            wal = os.path.join(broker.state_dir, "broker.db-wal")
-            deadline = time.time() + 10
-            while time.time() < deadline and os.path.getsize(wal) > 0:
+            database = os.path.join(broker.state_dir, "broker.db")
+            deadline = time.time() + 3
+            while time.time() < deadline and os.path.getsize(database) < 300 * 500:
+                time.sleep(0.1)
+            self.assertGreaterEqual(os.path.getsize(database), 300 * 500, "the messages reach the database file")
+            deadline = time.time() + 12
+            while time.time() < deadline and os.path.getsize(database + "-wal") > 0:
                 time.sleep(0.2)
-            self.assertEqual(os.path.getsize(wal), 0, "the WAL is truncated once the broker is idle")
+            self.assertEqual(os.path.getsize(database + "-wal"), 0, "the WAL is truncated once writes stop")
+            self.assertEqual(len(b.ok("GET", "/inbox?limit=100")["messages"]), 100, "nothing was lost on the way")
         finally:
             broker.cleanup()
 
