@@ -86,6 +86,12 @@ def parse_header_fields(block: bytes) -> dict:
 
 
 METHOD = re.compile(r"[A-Z]{1,16}")
+TO_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n" for s in HTTPStatus}
+SAME_ON_EVERY_ANSWER = ("Cache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\nReferrer-Policy: no-referrer\r\n"
+                        "X-Frame-Options: DENY\r\n")
+KEEP_ALIVE_HEADERS = SAME_ON_EVERY_ANSWER + "Connection: keep-alive\r\n\r\n"
+CLOSING_HEADERS = SAME_ON_EVERY_ANSWER + "Connection: close\r\n\r\n"
 
 
 class HttpLoop:
@@ -293,25 +299,22 @@ class HttpLoop:
     def _respond(self, conn: Connection, status: int, body, extra_headers=None) -> None:
         if isinstance(body, dict):
             try:
-                payload = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+                payload = TO_JSON(body).encode()
             except UnicodeEncodeError:      # a lone surrogate somewhere: \u-escapes are still valid JSON
                 payload = json.dumps(body, separators=(",", ":")).encode()
             content_type = "application/json"
         else:
             payload, content_type = body, None
-        headers = {"Content-Type": content_type, "Cache-Control": "no-store", "X-Content-Type-Options": "nosniff",
-                   "Referrer-Policy": "no-referrer", "X-Frame-Options": "DENY"}
-        headers.update(extra_headers or {})
+        headers = {"Content-Type": content_type, **(extra_headers or {})}
         if status == 429:
             headers["Retry-After"] = str(body["error"].get("retry_after", 60))
         if status == 405:
             headers["Allow"] = "GET, POST"
         close = not conn.keep_alive or status in (400, 408, 411, 413, 431, 505)
-        headers["Connection"] = "close" if close else "keep-alive"
-        phrase = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "Status"
-        lines = [f"HTTP/1.1 {status} {phrase}", f"Content-Length: {len(payload)}"]
-        lines += [f"{k}: {v}" for k, v in headers.items() if v is not None]
-        conn.outbuf += ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + payload
+        head = [STATUS_LINES.get(status) or f"HTTP/1.1 {status} Status\r\n", f"Content-Length: {len(payload)}\r\n"]
+        head += [f"{k}: {v}\r\n" for k, v in headers.items() if v is not None]
+        head.append(CLOSING_HEADERS if close else KEEP_ALIVE_HEADERS)
+        conn.outbuf += "".join(head).encode("latin-1") + payload
         conn.close_after = close
         conn.idle_deadline = time.monotonic() + IDLE_TIMEOUT
         self._flush(conn)

@@ -61,12 +61,13 @@ def parse_json_object(raw: bytes) -> dict:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise ApiError(400, "bad_json", "body must be UTF-8 JSON")
-    depth = deepest = 0
-    for bracket in re.findall(r"[\[\]{}]", _JSON_STRINGS.sub("", text)):
-        depth += 1 if bracket in "[{" else -1
-        deepest = max(deepest, depth)
-    if deepest > MAX_JSON_DEPTH:
-        raise ApiError(400, "too_deep", f"JSON nests deeper than {MAX_JSON_DEPTH} levels")
+    if text.count("[") + text.count("{") > MAX_JSON_DEPTH:      # else it cannot nest too deep: skip the scan
+        depth = deepest = 0
+        for bracket in re.findall(r"[\[\]{}]", _JSON_STRINGS.sub("", text)):
+            depth += 1 if bracket in "[{" else -1
+            deepest = max(deepest, depth)
+        if deepest > MAX_JSON_DEPTH:
+            raise ApiError(400, "too_deep", f"JSON nests deeper than {MAX_JSON_DEPTH} levels")
     try:
         data = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
     except _DuplicateKey as exc:

@@ -255,21 +255,27 @@ class Store:
         self.unfolded = False                   # commits since the last checkpoint
         self.last_commit = time.monotonic()
         self.wake_everyone = False
-        self._savepoints = itertools.count()
+        self._depth = 0                         # savepoints open inside the loop's transaction
         self._counts = {}                       # room id -> (version, tasks per status)
 
     @contextlib.contextmanager
     def tx(self):
         if self.db.in_transaction:
-            name = f"sp{next(self._savepoints)}"
-            self.db.execute(f"SAVEPOINT {name}")
+            # Named by depth, not by a counter: a name used once is a statement SQLite prepares once and
+            # that pushes a hot one out of the statement cache.
+            self._depth += 1
+            name = f"sp{self._depth}"
             try:
-                yield self.db
-            except BaseException:
-                self.db.execute(f"ROLLBACK TO {name}")
+                self.db.execute(f"SAVEPOINT {name}")
+                try:
+                    yield self.db
+                except BaseException:
+                    self.db.execute(f"ROLLBACK TO {name}")
+                    self.db.execute(f"RELEASE {name}")
+                    raise
                 self.db.execute(f"RELEASE {name}")
-                raise
-            self.db.execute(f"RELEASE {name}")
+            finally:
+                self._depth -= 1
             return
         self.db.execute("BEGIN IMMEDIATE")
         try:
