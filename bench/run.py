@@ -93,11 +93,11 @@ class Http:
 # ---------------------------------------------------------------- the two systems behind one small interface
 
 
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of a process, from /proc."""
+def cpu_seconds(pid: int) -> tuple:
+    """(user, system) CPU time of a process, from /proc."""
     with open(f"/proc/{pid}/stat") as handle:
         fields = handle.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / os.sysconf("SC_CLK_TCK"), int(fields[12]) / os.sysconf("SC_CLK_TCK")
 
 
 class Ours:
@@ -259,7 +259,8 @@ def _pair_loop(sender: dict, receiver: dict, duration: float, start_at: float, r
 
 
 def round_trips(system, pairs: int, duration: float) -> tuple:
-    """(round trips per second, broker CPU µs per request) for `pairs` sender/reader pairs at full speed."""
+    """(round trips per second, broker CPU µs per request, of which in the kernel) for `pairs` sender/reader
+    pairs at full speed."""
     context = multiprocessing.get_context("fork")
     results = context.Queue()
     room = f"rt-{time.time_ns()}"
@@ -273,10 +274,11 @@ def round_trips(system, pairs: int, duration: float) -> tuple:
         time.sleep(0.001)
     cpu_before = cpu_seconds(system.proc.pid)
     total = sum(results.get() for _ in procs)
-    cpu = cpu_seconds(system.proc.pid) - cpu_before
+    user, kernel = (after - before for after, before in zip(cpu_seconds(system.proc.pid), cpu_before))
     for proc in procs:
         proc.join()
-    return total / duration, cpu * 1e6 / max(1, total * system.requests_per_delivery)
+    requests = max(1, total * system.requests_per_delivery)
+    return total / duration, (user + kernel) * 1e6 / requests, kernel * 1e6 / requests
 
 
 def delivery_latency(system, samples: int, pairs: int = 1) -> list:
@@ -718,16 +720,23 @@ def main() -> int:
         cpu = {}
         for pairs in (1, 8):
             got = alternate(args.rounds, systems, lambda s: round_trips(s, pairs, duration))
-            rates = {name: statistics.median(r for r, _ in runs) for name, runs in got.items()}
-            cpu[pairs] = {name: statistics.median(c for _, c in runs) for name, runs in got.items()}
+            rates = {name: statistics.median(r for r, _, _ in runs) for name, runs in got.items()}
+            cpu[pairs] = {name: (statistics.median(c for _, c, _ in runs), statistics.median(k for _, _, k in runs))
+                          for name, runs in got.items()}
             label = f"{pairs} pair{'s' if pairs > 1 else ''}"
             row(f"send + read round trips, {label}", "per s", rates[ours.name],
                 rates[caucus.name] if caucus else "n/a", "higher")
             row(f"  previous code, {label}", "per s", rates[previous.name], rates[caucus.name] if caucus else "n/a",
                 "higher")
         for pairs in (1, 8):
-            row(f"broker CPU per request, {pairs} pair{'s' if pairs > 1 else ''}", "µs", cpu[pairs][ours.name],
-                cpu[pairs][previous.name], "lower", "previous code")
+            label = f"{pairs} pair{'s' if pairs > 1 else ''}"
+            (mine, my_kernel), (old, old_kernel) = cpu[pairs][ours.name], cpu[pairs][previous.name]
+            row(f"broker CPU per request, {label}", "µs", mine, old, "lower", "previous code")
+            row(f"  of which in the kernel (fsync, sockets), {label}", "µs", my_kernel, old_kernel, "lower",
+                "previous code")
+            row(f"  per delivered message ({ours.requests_per_delivery} requests; previous code "
+                f"{previous.requests_per_delivery}), {label}", "µs", mine * ours.requests_per_delivery,
+                old * previous.requests_per_delivery, "lower", "previous code")
         for pairs in (1, 8):
             got = alternate(args.rounds, systems, lambda s: delivery_latency(s, samples // pairs, pairs))
             merged = {name: sorted(v for run in runs for v in run) for name, runs in got.items()}

@@ -623,13 +623,18 @@ class Store:
             with self.tx():
                 self.db.execute("UPDATE deliveries SET acked_at=? WHERE peer_id=? AND acked_at IS NULL AND id<=?",
                                 (now, peer_id, ack_through))
-                self.db.execute("UPDATE peers SET last_read=? WHERE id=?", (now, peer_id))
+                self._note_read(peer_id, now)
         state = self.room_state(room_id)
         held = "AND m.origin != 'agent'" if state == "paused" else ""
         rows = self.db.execute(
             "SELECT d.id AS delivery_id, m.* FROM deliveries d JOIN messages m ON m.id = d.message_id "
             f"WHERE d.peer_id=? AND d.acked_at IS NULL {held} ORDER BY d.id LIMIT ?", (peer_id, limit)).fetchall()
         return {"room": state, "messages": [self._message_view(r, r["delivery_id"]) for r in rows]}
+
+    def _note_read(self, peer_id: int, now: float) -> None:
+        """When the peer last read its mail, to the second: a reading loop rewrites no row in between."""
+        self.db.execute("UPDATE peers SET last_read=? WHERE id=? AND (last_read IS NULL OR last_read <= ?)",
+                        (now, peer_id, now - 1.0))
 
     @staticmethod
     def _message_view(row, delivery_id=None) -> dict:
@@ -647,7 +652,7 @@ class Store:
             marks = ",".join("?" * len(delivery_ids))
             cursor = self.db.execute(f"UPDATE deliveries SET acked_at=? WHERE peer_id=? AND acked_at IS NULL "
                                      f"AND id IN ({marks})", (now, peer_id, *delivery_ids))
-            self.db.execute("UPDATE peers SET last_read=? WHERE id=?", (now, peer_id))
+            self._note_read(peer_id, now)
         return {"acked": cursor.rowcount}
 
     def receipts(self, peer, limit: int = 5) -> list:
