@@ -49,7 +49,6 @@ WRITE_TIMEOUT = 10.0
 MAX_WAIT_SECONDS = 60
 EVENTS_KEPT = 2000
 PRUNE_EVERY = 30.0          # seconds between retention passes
-QUIET_SECONDS = 5.0         # no writes for this long, and the idle broker truncates its WAL
 CATEGORIES = ("info", "question", "answer", "status", "handoff", "blocker")
 TASK_STATUSES = ("blocked", "ready", "claimed", "done")
 ROOM_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"

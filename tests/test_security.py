@@ -147,22 +147,32 @@ class GrowthTest(unittest.TestCase):
         finally:
             broker.cleanup()
 
-    def test_the_wal_is_folded_back_when_idle_and_truncated_when_quiet(self):
+    def test_the_wal_is_folded_back_when_idle_and_reused_not_grown(self):
         broker = BrokerProcess(env={"CTL_RATE_LIMIT": "100000"}).start()
         try:
             a, b = broker.join("w-a"), broker.join("w-b")
-            for i in range(300):
-                a.send("w-b", f"m{i} " + "x" * 500)
             database = os.path.join(broker.state_dir, "broker.db")
-            deadline = time.time() + 3
-            while time.time() < deadline and os.path.getsize(database) < 300 * 500:
-                time.sleep(0.1)
-            self.assertGreaterEqual(os.path.getsize(database), 300 * 500, "the messages reach the database file")
-            deadline = time.time() + 12
-            while time.time() < deadline and os.path.getsize(database + "-wal") > 0:
-                time.sleep(0.2)
-            self.assertEqual(os.path.getsize(database + "-wal"), 0, "the WAL is truncated once writes stop")
-            self.assertEqual(len(b.ok("GET", "/inbox?limit=100")["messages"]), 100, "nothing was lost on the way")
+
+            def burst_then_fold(first: int) -> int:
+                for i in range(first, first + 100):
+                    a.send("w-b", f"m{i} " + "x" * 500)
+                deadline = time.time() + 5
+                while time.time() < deadline and os.path.getsize(database) < (first + 100) * 500:
+                    time.sleep(0.1)
+                self.assertGreaterEqual(os.path.getsize(database), (first + 100) * 500,
+                                        "an idle broker folds the WAL back into the database file")
+                return os.path.getsize(database + "-wal")
+
+            after_one = burst_then_fold(0)
+            self.assertGreater(after_one, 0)
+            after_two = burst_then_fold(100)
+            self.assertLess(after_two, after_one * 1.5, "the second burst overwrote the WAL instead of growing it")
+            self.assertLessEqual(after_two, 8 * 1024 * 1024)
+            first = b.ok("GET", "/inbox?limit=100")["messages"]
+            second = b.ok("GET", f"/inbox?limit=100&ack={first[-1]['delivery_id']}")["messages"]
+            self.assertEqual([m["content"][:5] for m in first + second][::100], ["m0 xx", "m100 "],
+                             "nothing was lost on the way")
+            self.assertEqual(len(first + second), 200)
         finally:
             broker.cleanup()
 
