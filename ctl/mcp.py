@@ -398,7 +398,7 @@ def t_list_tasks(session, args):
     nonce = secrets.token_hex(6)
     lines = [f"Tasks ({counts}):"] + [line for t in data["tasks"] for line in _task_block(t, nonce)]
     if data.get("next_after"):
-        again = f"status={args['status']!r}, " if args.get("status") else ""
+        again = f"status='{args['status']}', " if args.get("status") else ""
         lines.append(f"More after #{data['next_after']}: list_tasks with {again}after={data['next_after']}.")
     elif data["not_shown"] and not args.get("status"):
         lines.append(f"{data['not_shown']} older done tasks not shown; list_tasks with status='done' pages through them.")

@@ -702,7 +702,9 @@ class Store:
                     "ON t.room_id = d.room_id AND t.id = d.depends_on WHERE d.room_id=? AND d.task_id IN "
                     f"({','.join('?' * len(part))}) ORDER BY d.depends_on", (room_id, *part)):
                 deps.setdefault(task_id, []).append((dependency, status))
-        names = dict(self.db.execute("SELECT id, name FROM peers WHERE room_id=?", (room_id,)).fetchall())
+        holders = list({r["assignee_id"] for r in rows if r["assignee_id"] is not None})
+        names = dict(self.db.execute(f"SELECT id, name FROM peers WHERE id IN ({','.join('?' * len(holders))})",
+                                     holders).fetchall()) if holders else {}
         views = []
         for row in rows:
             edges_of = deps.get(row["id"], [])

@@ -181,6 +181,22 @@ class ToolsTest(McpTestCase):
         self.assertTrue(filtered["isError"])
         self.assertIn("system-tag", self.text(filtered))
 
+    def test_list_tasks_pages_through_a_long_list(self):
+        cwd = project_dir("paged")
+        architect = self.session("planner", cwd=cwd)
+        architect.ok("join", {"role": "architect"})
+        ids = [architect.ok("create_task", {"title": f"step {i}"})["id"] for i in range(23)]
+        first = architect.call("list_tasks", {})
+        page = first["structuredContent"]
+        self.assertEqual([t["id"] for t in page["tasks"]], ids[:20])
+        self.assertEqual(page["next_after"], ids[19])
+        self.assertIn(f"More after #{ids[19]}: list_tasks with after={ids[19]}.", self.text(first))
+        rest = architect.call("list_tasks", {"after": ids[19]})
+        self.assertEqual([t["id"] for t in rest["structuredContent"]["tasks"]], ids[20:])
+        self.assertNotIn("More after", self.text(rest))
+        ready = architect.call("list_tasks", {"status": "ready", "after": ids[19]})
+        self.assertEqual(len(ready["structuredContent"]["tasks"]), 3)
+
     def test_second_session_in_the_same_folder_gets_its_own_name(self):
         cwd = project_dir("repo")
         a, b = self.session(cwd=cwd), self.session(cwd=cwd)
