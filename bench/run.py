@@ -719,8 +719,8 @@ def main() -> int:
         ratio = ""
         if isinstance(caucus_value, (int, float)) and caucus_value:
             factor = ours_value / caucus_value if better == "higher" else caucus_value / ours_value
-            ratio = f"{factor:.2f}× " + ("better" if factor > 1 else "(behind)") + ("" if against == "Caucus" else
-                                                                                   f" than the {against}")
+            ratio = f"{factor:.2f}× {'better' if factor > 1 else 'behind'}" + ("" if against == "Caucus" else
+                                                                                 f" ({against})")
         fmt = lambda v: f"{v:,.1f}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else v  # noqa: E731
         rows.append((measure, unit, fmt(ours_value), fmt(caucus_value), ratio))
         print(f"{measure}: ours {fmt(ours_value)} {unit}, Caucus {fmt(caucus_value)} {ratio}", flush=True)
