@@ -13,6 +13,8 @@ from ctl.store import room_name_for
 from ctl.textfilter import screen
 
 ROOM_NAME_RE = re.compile(ROOM_NAME_PATTERN)
+DIGITS = re.compile(r"[0-9]{1,19}")
+HEX = re.compile(r"[0-9a-f]{16,64}")
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,7 @@ def _check_enum(field, name, value, flags):
 
 def _check_int(field, name, value, flags):
     """JSON integers only in bodies; a query string's ASCII digits are its only spelling of a number."""
-    if isinstance(value, str) and field.kind == "query_int" and re.fullmatch(r"[0-9]{1,19}", value):
+    if isinstance(value, str) and field.kind == "query_int" and DIGITS.fullmatch(value):
         value = int(value)
     if not isinstance(value, int) or isinstance(value, bool) or not field.minimum <= value <= field.limit:
         raise ApiError(400, "bad_value", f"{name} must be a whole number from {field.minimum} to {field.limit}")
@@ -101,7 +103,7 @@ def _check_texts(field, name, value, flags):
 
 
 def _check_hex(field, name, value, flags):
-    if not isinstance(value, str) or not re.fullmatch(r"[0-9a-f]{16,64}", value):
+    if not isinstance(value, str) or not HEX.fullmatch(value):
         raise ApiError(400, "bad_value", f"{name} must be 16-64 lowercase hex digits")
     return value
 
@@ -238,25 +240,26 @@ def r_send(broker, actor, b):
 
 
 def r_inbox(broker, actor, q):
-    peer_id, room_id = actor.peer["id"], actor.room_id
+    peer_id = actor.peer["id"]
 
     def attempt(final):
-        gone = broker.PEER_GONE.get(broker.store.peer_by_id(peer_id)["status"])
+        peer = broker.store.peer_by_id(peer_id)
+        gone = broker.PEER_GONE.get(peer["status"])
         if gone is not None:                    # kicked, archived or left while waiting: say so, do not wait on
             raise ApiError(401, *gone)
-        batch = broker.store.inbox(peer_id, room_id, q["limit"])
+        batch = broker.store.inbox(peer, q["limit"])
         return batch if batch["messages"] or final or batch["room"] == "stopped" else None
 
     if actor.kind == "watch" and q["wait"]:
         broker.store.note_reach(actor.peer, "watcher")
-    first = broker.store.inbox(peer_id, room_id, q["limit"], q["ack"], time.time())
+    first = broker.store.inbox(actor.peer, q["limit"], q["ack"], time.time())
     if first["messages"] or q["wait"] == 0 or first["room"] == "stopped":
         return first
     return Park(peer_id, time.monotonic() + q["wait"], attempt)
 
 
 def r_ack(broker, actor, b):
-    return broker.store.ack(actor.peer["id"], b["ids"], time.time())
+    return broker.store.ack(actor.peer, b["ids"], time.time())
 
 
 def r_receipts(broker, actor, q):

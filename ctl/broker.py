@@ -85,6 +85,7 @@ def parse_header_fields(block: bytes) -> dict:
     return fields
 
 
+CONTENT_LENGTH = re.compile(r"[0-9]{1,10}")
 METHOD = re.compile(r"[A-Z]{1,16}")
 TO_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n" for s in HTTPStatus}
@@ -279,7 +280,7 @@ class HttpLoop:
             raise ApiError(400, "transfer_encoding", "Transfer-Encoding is not accepted; send Content-Length")
         length = 0
         if "content-length" in headers:
-            if not re.fullmatch(r"\d{1,10}", headers["content-length"]):
+            if not CONTENT_LENGTH.fullmatch(headers["content-length"]):
                 raise ApiError(400, "bad_content_length", "Content-Length must be a number")
             length = int(headers["content-length"])
         elif method == "POST":

@@ -9,12 +9,12 @@ import sqlite3
 import sys
 import time
 import traceback
-import urllib.parse
+from urllib.parse import unquote_plus
 from base64 import b64encode
 from dataclasses import dataclass
 
 from ctl import PACKAGE_DIR, common
-from ctl.api import JOINING, PUBLIC, ROUTE_METHODS, ROUTES, Flags, Park, Route, room_id_from, validate
+from ctl.api import JOINING, PUBLIC, ROUTE_METHODS, ROUTES, Flags, Park, Route, room_id_from, safe_name, validate
 from ctl.common import TokenSigner
 from ctl.config import MAX_JSON_DEPTH, PRUNE_EVERY, Settings
 from ctl.errors import ApiError
@@ -80,15 +80,23 @@ def parse_json_object(raw: bytes) -> dict:
 
 
 def parse_query(query: str) -> dict:
-    try:
-        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query),
-                                       max_num_fields=16, errors="strict")
-    except (ValueError, UnicodeDecodeError):
-        raise ApiError(400, "bad_query", "query string is malformed")
+    """`a=1&b=x`, strictly: every field has an `=`, no name twice, at most 16 fields, valid UTF-8."""
+    if not query:
+        return {}
+    fields = query.split("&")
+    if len(fields) > 16:
+        raise ApiError(400, "bad_query", "query string has more than 16 fields")
     data = {}
-    for key, value in pairs:
+    for field in fields:
+        key, sep, value = field.partition("=")
+        try:
+            key, value = unquote_plus(key, errors="strict"), unquote_plus(value, errors="strict")
+        except UnicodeDecodeError:
+            raise ApiError(400, "bad_query", "query string is not valid UTF-8")
+        if not sep or not key:
+            raise ApiError(400, "bad_query", "query string is malformed: each field is name=value")
         if key in data:
-            raise ApiError(400, "bad_query", f"query parameter {key!r} is repeated")
+            raise ApiError(400, "bad_query", f"query parameter '{safe_name(key)}' is repeated")
         data[key] = value
     return data
 

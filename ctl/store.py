@@ -260,6 +260,7 @@ class Store:
         self.wake_everyone = False
         self._depth = 0                         # savepoints open inside the loop's transaction
         self._counts = {}                       # room id -> (version, tasks per status)
+        self._unread = {}                       # peer id -> its unread summary, dropped when its mail changes
 
     @contextlib.contextmanager
     def tx(self):
@@ -275,6 +276,7 @@ class Store:
                 except BaseException:
                     self.db.execute(f"ROLLBACK TO {name}")
                     self.db.execute(f"RELEASE {name}")
+                    self._unread.clear()        # what was cached since may describe the undone writes
                     raise
                 self.db.execute(f"RELEASE {name}")
             finally:
@@ -285,6 +287,7 @@ class Store:
             yield self.db
         except BaseException:
             self.db.execute("ROLLBACK")
+            self._unread.clear()
             raise
         self.db.execute("COMMIT")
         self._committed()
@@ -313,6 +316,7 @@ class Store:
             with contextlib.suppress(sqlite3.Error):
                 self.db.execute("ROLLBACK")
             self._changed()                     # what was cached from the lost batch is stale
+            self._unread.clear()
             self._load_rooms()
             return False
 
@@ -531,7 +535,15 @@ class Store:
             self._changed()
 
     def unread_summary(self, peer_id: int) -> dict:
-        """How many messages wait, and from whom the latest: the one-line notice every tool result carries."""
+        """How many messages wait, and from whom the latest: the one-line notice every tool result carries.
+        Kept per peer until its deliveries change, so a session with a long backlog does not count it on
+        every call."""
+        cached = self._unread.get(peer_id)
+        if cached is None:
+            cached = self._unread[peer_id] = self._count_unread(peer_id)
+        return dict(cached)
+
+    def _count_unread(self, peer_id: int) -> dict:
         row = self.db.execute(
             "SELECT COUNT(*) AS n, MAX(d.id) AS latest FROM deliveries d WHERE d.peer_id=? AND d.acked_at IS NULL",
             (peer_id,)).fetchone()
@@ -585,6 +597,8 @@ class Store:
                 (room_id, actor.name, actor.role, origin, to, category, content, now, flag)).lastrowid
             self.db.executemany("INSERT INTO deliveries(peer_id, message_id) VALUES(?,?)",
                                 [(r["id"], message_id) for r in recipients])
+            for r in recipients:
+                self._unread.pop(r["id"], None)
             if flag:
                 self._event(room_id, now, "content_flagged", actor.name, f"message #{message_id} (rule {flag})")
             if actor.kind == "peer":
@@ -619,25 +633,27 @@ class Store:
             raise ApiError(400, "self_message", "you cannot message yourself")
         return [target]
 
-    def inbox(self, peer_id: int, room_id: int, limit: int, ack_through=None, now=None) -> dict:
+    def inbox(self, peer, limit: int, ack_through=None, now=None) -> dict:
         """Unread messages, oldest first; they stay unread until acknowledged, so a crash loses none.
         `ack_through` acknowledges what an earlier read returned, up to that delivery id, in the same call."""
+        peer_id = peer["id"]
         if ack_through is not None:
             with self.tx():
                 self.db.execute("UPDATE deliveries SET acked_at=? WHERE peer_id=? AND acked_at IS NULL AND id<=?",
                                 (now, peer_id, ack_through))
-                self._note_read(peer_id, now)
-        state = self.room_state(room_id)
+                self._unread.pop(peer_id, None)
+                self._note_read(peer, now)
+        state = self.room_state(peer["room_id"])
         held = "AND m.origin != 'agent'" if state == "paused" else ""
         rows = self.db.execute(
             "SELECT d.id AS delivery_id, m.* FROM deliveries d JOIN messages m ON m.id = d.message_id "
             f"WHERE d.peer_id=? AND d.acked_at IS NULL {held} ORDER BY d.id LIMIT ?", (peer_id, limit)).fetchall()
         return {"room": state, "messages": [self._message_view(r, r["delivery_id"]) for r in rows]}
 
-    def _note_read(self, peer_id: int, now: float) -> None:
+    def _note_read(self, peer, now: float) -> None:
         """When the peer last read its mail, to the second: a reading loop rewrites no row in between."""
-        self.db.execute("UPDATE peers SET last_read=? WHERE id=? AND (last_read IS NULL OR last_read <= ?)",
-                        (now, peer_id, now - 1.0))
+        if peer["last_read"] is None or now - peer["last_read"] >= 1.0:
+            self.db.execute("UPDATE peers SET last_read=? WHERE id=?", (now, peer["id"]))
 
     @staticmethod
     def _message_view(row, delivery_id=None) -> dict:
@@ -650,12 +666,13 @@ class Store:
             view["flagged"] = row["flag"]
         return view
 
-    def ack(self, peer_id: int, delivery_ids: list, now: float) -> dict:
+    def ack(self, peer, delivery_ids: list, now: float) -> dict:
         with self.tx():
             marks = ",".join("?" * len(delivery_ids))
             cursor = self.db.execute(f"UPDATE deliveries SET acked_at=? WHERE peer_id=? AND acked_at IS NULL "
-                                     f"AND id IN ({marks})", (now, peer_id, *delivery_ids))
-            self._note_read(peer_id, now)
+                                     f"AND id IN ({marks})", (now, peer["id"], *delivery_ids))
+            self._unread.pop(peer["id"], None)
+            self._note_read(peer, now)
         return {"acked": cursor.rowcount}
 
     def receipts(self, peer, limit: int = 5) -> list:
@@ -1069,6 +1086,7 @@ class Store:
     def prune(self, now: float) -> None:
         """Keep retention bounded: old read messages go, unread ones stay until read, and peers gone for days
         (with the mail nobody will read) are forgotten."""
+        self._unread.clear()                    # gone peers' mail goes
         with self.tx():
             top = self.db.execute("SELECT COALESCE(MAX(id), 0) FROM messages").fetchone()[0]
             cut = top - self.settings.retention

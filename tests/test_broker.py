@@ -259,6 +259,30 @@ class MessagesTest(BrokerTestCase):
         self.assertNotIn("SCAN d", plan)
 
 
+    def test_every_answer_says_how_much_mail_waits(self):
+        a, b = self.broker.join("n-a"), self.broker.join("n-b")
+        client = ctl_common.BrokerClient(self.broker.port, token=b.token)
+
+        def notice() -> str:
+            self.assertEqual(client.request("POST", "/heartbeat", {})[0], 200)
+            return client.headers["x-ctl-unread"]
+
+        self.assertEqual(notice(), "0")
+        for category in ("info", "info", "question"):
+            a.send("n-b", "hello", category)
+        self.assertEqual(notice(), "3; from=n-a; category=question")
+        first = b.read()["messages"]
+        b.ok("POST", "/inbox/ack", {"ids": [first[0]["delivery_id"]]})
+        self.assertEqual(notice(), "2; from=n-a; category=question")
+        self.assertEqual(b.call("POST", "/messages", {"to": "nobody", "content": "x"})[0], 404)
+        self.assertEqual(notice(), "2; from=n-a; category=question", "a refused request changes nothing")
+        b.ok("GET", f"/inbox?ack={first[-1]['delivery_id']}")
+        self.assertEqual(notice(), "0")
+        a.send("*", "to everyone")
+        self.assertEqual(notice(), "1; from=n-a; category=info")
+        client.close()
+
+
 class RateLimitTest(BrokerTestCase):
     env = {"CTL_RATE_LIMIT": "4"}
 
@@ -743,19 +767,19 @@ class RetentionTest(unittest.TestCase):
             operator = broker.Actor("operator", room_id=reader["room_id"])
             for i in range(300):
                 store.send(operator, "reader", f"m{i}", "info", None, now)
-            unread = store.inbox(reader["id"], reader["room_id"], 100)["messages"]
-            store.ack(reader["id"], [m["delivery_id"] for m in unread[:90]], now)
+            unread = store.inbox(reader, 100)["messages"]
+            store.ack(reader, [m["delivery_id"] for m in unread[:90]], now)
             store.prune(now)
             kept = [row[0] for row in store.db.execute("SELECT content FROM messages ORDER BY id")]
             self.assertEqual(kept, [f"m{i}" for i in range(90, 300)],
                              "read messages older than the newest 100 are gone; unread ones all stay")
             remaining = []
             while True:
-                batch = store.inbox(reader["id"], reader["room_id"], 100)["messages"]
+                batch = store.inbox(reader, 100)["messages"]
                 if not batch:
                     break
                 remaining += [m["content"] for m in batch]
-                store.ack(reader["id"], [m["delivery_id"] for m in batch], now)
+                store.ack(reader, [m["delivery_id"] for m in batch], now)
             self.assertEqual(remaining, [f"m{i}" for i in range(90, 300)], "every unread message survived, in order")
             self.assertEqual(store.db.execute("PRAGMA integrity_check").fetchone()[0], "ok")
         finally:

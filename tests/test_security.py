@@ -324,6 +324,18 @@ class ValidationTest(BrokerTestCase):
             status, _ = architect.call("POST", "/tasks", {"title": "two", "depends_on": [spelling]})
             self.assertEqual(status, 400, repr(spelling))
 
+    def test_query_strings_are_parsed_strictly(self):
+        reader = self.broker.join("v-query")
+        self.assertEqual(reader.ok("GET", "/inbox?limit=5&wait=0")["messages"], [])
+        self.assertEqual(reader.call("GET", "/inbox?limit=%35")[0], 200, "percent-escapes are decoded")
+        for query, says in (("limit=5&limit=6", "is repeated"), ("limit=5&&wait=0", "name=value"),
+                            ("limit", "name=value"), ("=5", "name=value"), ("limit=%ff", "UTF-8"),
+                            ("&".join(f"k{i}=1" for i in range(17)), "more than 16")):
+            status, data = reader.call("GET", f"/inbox?{query}")
+            self.assertEqual((status, data["error"]["code"]), (400, "bad_query"), query)
+            self.assertIn(says, data["error"]["message"], query)
+        self.assertEqual(reader.call("GET", "/inbox?limit=5&color=red")[1]["error"]["code"], "unknown_field")
+
     def test_directories_roots_and_lookalikes_of_the_dead(self):
         root = tempfile.mkdtemp()
         os.makedirs(os.path.join(root, "src"))
