@@ -107,6 +107,7 @@ class HttpLoop:
         self.selector.register(self.listener, selectors.EVENT_READ, None)
         self.connections = set()
         self.ready = set()          # connections with buffered bytes to parse in this iteration
+        self.parked = {}            # peer id -> its connections waiting for mail, so a wake-up scans no others
         self.request_timeout = broker.settings.request_timeout
         self.running = True
 
@@ -180,6 +181,8 @@ class HttpLoop:
             return
         self.connections.discard(conn)
         self.broker.connections = len(self.connections)
+        if conn.park is not None:
+            self._unpark(conn)
         with contextlib.suppress(KeyError, ValueError, OSError):
             self.selector.unregister(conn.sock)
         with contextlib.suppress(OSError):
@@ -248,6 +251,7 @@ class HttpLoop:
         for (conn, req), outcome in zip(batch, outcomes):
             if isinstance(outcome, Park):
                 conn.park = outcome
+                self.parked.setdefault(outcome.peer_id, set()).add(conn)
                 continue
             self._respond(conn, *outcome)
             if self.verbose or outcome[0] >= 400:
@@ -364,26 +368,35 @@ class HttpLoop:
             return
         woken, everyone = store.woken, store.wake_everyone
         store.woken, store.wake_everyone = set(), False
-        for conn in list(self.connections):
-            if conn.park is not None and (everyone or conn.park.peer_id in woken):
+        waiting = [conn for peer_id in (list(self.parked) if everyone else woken)
+                   for conn in self.parked.get(peer_id, ())]
+        for conn in waiting:
+            if conn.park is not None:
                 self._finish_park(conn, final=False)
+
+    def _unpark(self, conn: Connection) -> None:
+        waiting = self.parked.get(conn.park.peer_id, set())
+        waiting.discard(conn)
+        if not waiting:
+            self.parked.pop(conn.park.peer_id, None)
+        conn.park = None
 
     def _finish_park(self, conn: Connection, final: bool) -> None:
         try:
             result = conn.park.attempt(final)
         except ApiError as err:
-            conn.park = None
+            self._unpark(conn)
             self._respond(conn, err.status, err.body())
             return
         except Exception:
             log(f"waiting read failed:\n{traceback.format_exc()}")
             result = {"error": {"code": "internal", "message": "internal error; see the broker log"}}
-            conn.park = None
+            self._unpark(conn)
             self._respond(conn, 500, result)
             return
         if result is None:
             return
-        conn.park = None
+        self._unpark(conn)
         self._respond(conn, 200, result)
         self._advance(conn)
 
