@@ -100,6 +100,19 @@ def cpu_seconds(pid: int) -> tuple:
     return int(fields[11]) / os.sysconf("SC_CLK_TCK"), int(fields[12]) / os.sysconf("SC_CLK_TCK")
 
 
+def process_counts(pid: int) -> dict:
+    """perf-stat-like counters of a process from /proc: CPU seconds, read/write system calls, context switches."""
+    user, system = cpu_seconds(pid)
+    counts = {"user": user, "system": system}
+    with open(f"/proc/{pid}/io") as handle:
+        io = dict(line.split(": ") for line in handle.read().splitlines())
+    counts["io_syscalls"] = int(io["syscr"]) + int(io["syscw"])
+    with open(f"/proc/{pid}/status") as handle:
+        status = dict(line.split(":\t") for line in handle.read().splitlines() if ":\t" in line)
+    counts["switches"] = int(status["voluntary_ctxt_switches"]) + int(status["nonvoluntary_ctxt_switches"])
+    return counts
+
+
 class Ours:
     name = "Control Tower Lite"
     kind = "ours"
@@ -258,9 +271,9 @@ def _pair_loop(sender: dict, receiver: dict, duration: float, start_at: float, r
     results.put(count)
 
 
-def round_trips(system, pairs: int, duration: float) -> tuple:
-    """(round trips per second, broker CPU µs per request, of which in the kernel) for `pairs` sender/reader
-    pairs at full speed."""
+def round_trips(system, pairs: int, duration: float) -> dict:
+    """Round trips per second for `pairs` sender/reader pairs at full speed, and per request the broker's
+    CPU µs, of which in the kernel, its read/write system calls and its context switches."""
     context = multiprocessing.get_context("fork")
     results = context.Queue()
     room = f"rt-{time.time_ns()}"
@@ -272,13 +285,15 @@ def round_trips(system, pairs: int, duration: float) -> tuple:
         proc.start()
     while time.time() < start_at:
         time.sleep(0.001)
-    cpu_before = cpu_seconds(system.proc.pid)
+    before = process_counts(system.proc.pid)
     total = sum(results.get() for _ in procs)
-    user, kernel = (after - before for after, before in zip(cpu_seconds(system.proc.pid), cpu_before))
+    after = process_counts(system.proc.pid)
     for proc in procs:
         proc.join()
-    requests = max(1, total * system.requests_per_delivery)
-    return total / duration, (user + kernel) * 1e6 / requests, kernel * 1e6 / requests
+    per_request = {k: (after[k] - before[k]) / max(1, total * system.requests_per_delivery) for k in after}
+    return {"rate": total / duration, "cpu": (per_request["user"] + per_request["system"]) * 1e6,
+            "kernel": per_request["system"] * 1e6, "io_syscalls": per_request["io_syscalls"],
+            "switches": per_request["switches"]}
 
 
 def delivery_latency(system, samples: int, pairs: int = 1) -> list:
@@ -729,8 +744,8 @@ def main() -> int:
         cpu = {}
         for pairs in (1, 8):
             got = alternate(args.rounds, systems, lambda s: round_trips(s, pairs, duration))
-            rates = {name: statistics.median(r for r, _, _ in runs) for name, runs in got.items()}
-            cpu[pairs] = {name: (statistics.median(c for _, c, _ in runs), statistics.median(k for _, _, k in runs))
+            rates = {name: statistics.median(run["rate"] for run in runs) for name, runs in got.items()}
+            cpu[pairs] = {name: {k: statistics.median(run[k] for run in runs) for k in runs[0]}
                           for name, runs in got.items()}
             label = f"{pairs} pair{'s' if pairs > 1 else ''}"
             row(f"send + read round trips, {label}", "per s", rates[ours.name],
@@ -739,13 +754,17 @@ def main() -> int:
                 "higher")
         for pairs in (1, 8):
             label = f"{pairs} pair{'s' if pairs > 1 else ''}"
-            (mine, my_kernel), (old, old_kernel) = cpu[pairs][ours.name], cpu[pairs][previous.name]
-            row(f"broker CPU per request, {label}", "µs", mine, old, "lower", "previous code")
-            row(f"  of which in the kernel (fsync, sockets), {label}", "µs", my_kernel, old_kernel, "lower",
+            mine, old = cpu[pairs][ours.name], cpu[pairs][previous.name]
+            row(f"broker CPU per request, {label}", "µs", mine["cpu"], old["cpu"], "lower", "previous code")
+            row(f"  of which in the kernel (fsync, sockets), {label}", "µs", mine["kernel"], old["kernel"], "lower",
                 "previous code")
             row(f"  per delivered message ({ours.requests_per_delivery} requests; previous code "
-                f"{previous.requests_per_delivery}), {label}", "µs", mine * ours.requests_per_delivery,
-                old * previous.requests_per_delivery, "lower", "previous code")
+                f"{previous.requests_per_delivery}), {label}", "µs", mine["cpu"] * ours.requests_per_delivery,
+                old["cpu"] * previous.requests_per_delivery, "lower", "previous code")
+            row(f"  read/write system calls per request, {label}", "", round(mine["io_syscalls"], 1),
+                round(old["io_syscalls"], 1), "lower", "previous code")
+            row(f"  context switches per request, {label}", "", round(mine["switches"], 2),
+                round(old["switches"], 2), "lower", "previous code")
         for pairs in (1, 8):
             got = alternate(args.rounds, systems, lambda s: delivery_latency(s, samples // pairs, pairs))
             merged = {name: sorted(v for run in runs for v in run) for name, runs in got.items()}
