@@ -129,7 +129,7 @@ def open_database(path: str) -> sqlite3.Connection:
     db.execute("PRAGMA synchronous=FULL")
     db.execute("PRAGMA busy_timeout=20")                # another process's write lock costs us 20 ms, not 5 s
     # The WAL is reused from its start after every checkpoint and never truncated: a commit that overwrites
-    # frames fsyncs no file-size change, which made a commit about 20% cheaper on ext4 (bench/NOTES.md). So
+    # frames fsyncs no file-size change, which took a quarter off a commit's kernel time on ext4 (bench/NOTES.md). So
     # the checkpoint (under load; the loop also checkpoints whenever it is idle) comes before the WAL reaches
     # the size it is cut back to, and the file stays at about 4 MiB.
     db.execute("PRAGMA wal_autocheckpoint=1000")
@@ -249,7 +249,6 @@ class Store:
 
     def __init__(self, db_path: str, settings: Settings):
         self.settings = settings
-        self.path = db_path
         self.db = open_database(db_path)
         self._load_rooms()
         self.limiter = RateLimiter(settings.rate_limit)
@@ -290,7 +289,7 @@ class Store:
             self._unread.clear()
             raise
         self.db.execute("COMMIT")
-        self._committed()
+        self.unfolded = True
 
     def _load_rooms(self) -> None:
         """Room states and which rooms are archived: read on every request, so kept in memory."""
@@ -310,7 +309,7 @@ class Store:
     def commit_batch(self) -> bool:
         try:
             self.db.execute("COMMIT")
-            self._committed()
+            self.unfolded = True
             return True
         except sqlite3.Error:
             with contextlib.suppress(sqlite3.Error):
@@ -322,9 +321,6 @@ class Store:
 
     def close(self) -> None:
         self.db.close()
-
-    def _committed(self) -> None:
-        self.unfolded = True
 
     def _changed(self) -> None:
         self.version += 1
