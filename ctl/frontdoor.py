@@ -89,12 +89,12 @@ def parse_query(query: str) -> dict:
     data = {}
     for field in fields:
         key, sep, value = field.partition("=")
+        if not sep or not key:
+            raise ApiError(400, "bad_query", "query string is malformed: each field is name=value")
         try:
             key, value = unquote_plus(key, errors="strict"), unquote_plus(value, errors="strict")
         except UnicodeDecodeError:
             raise ApiError(400, "bad_query", "query string is not valid UTF-8")
-        if not sep or not key:
-            raise ApiError(400, "bad_query", "query string is malformed: each field is name=value")
         if key in data:
             raise ApiError(400, "bad_query", f"query parameter '{safe_name(key)}' is repeated")
         data[key] = value
@@ -167,8 +167,7 @@ class Broker:
                                 int(time.time()) + self.settings.token_ttl)
 
     def health(self) -> dict:
-        db_path = os.path.join(self.state_dir, "broker.db")
-        size = sum(os.path.getsize(db_path + s) for s in ("", "-wal") if os.path.exists(db_path + s))
+        size = sum(os.path.getsize(self.db_path + s) for s in ("", "-wal") if os.path.exists(self.db_path + s))
         return {"uptime": round(time.time() - self.started, 1), "connections": self.connections,
                 "db_bytes": size, "port": self.port}
 
