@@ -216,7 +216,7 @@ def r_join(broker, actor, b):
             "name": peer["name"], "role": peer["role"], "lease_seconds": broker.settings.lease_seconds,
             "room": broker.store.room_state(peer["room_id"]), "room_name": broker.store.room(peer["room_id"])["name"],
             "peers": [p for p in broker.store.list_peers(peer["room_id"], now) if p["name"] != peer["name"]],
-            **broker.store.unread_summary(peer["id"])}
+            **broker.store.unread_summary(peer)}
 
 
 def r_leave(broker, actor, b):

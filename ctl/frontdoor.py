@@ -312,7 +312,7 @@ class Broker:
             return {}
         headers = {"X-CTL-Room": self.store.room_state(actor.peer["room_id"])}
         if actor.kind == "peer" and not inbox:
-            unread = self.store.unread_summary(actor.peer["id"])
+            unread = self.store.unread_summary(actor.peer)
             headers["X-CTL-Unread"] = str(unread["unread"]) + (
                 f"; from={unread['latest_from']}; category={unread['latest_category']}" if unread["unread"] else "")
         return headers

@@ -28,6 +28,8 @@ from ctl.render import fence, render_messages, when
 from ctl.common import BrokerClient, BrokerUnavailable, StateError
 
 
+HOOKED_CLIENTS = ("claude-code", "Claude Code")    # clientInfo names of Claude Code, whose hooks deliver mail
+STRUCTURED_CAPABILITY = "ctl/structured"     # experimental client capability: also send structuredContent
 PROTOCOL_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")
 BATCHING_VERSIONS = ("2025-03-26",)
 
@@ -72,6 +74,7 @@ class Session:
         self.ended = None           # why this session may not rejoin by itself: kicked, or the room archived
         self.joined_once = False
         self.push_enabled = False
+        self.client_name = None     # from initialize's clientInfo
         self.binding = None
         self.lock = threading.RLock()
         self.local = threading.local()
@@ -167,6 +170,11 @@ class Session:
             command += ["--state-dir", self.state_dir]
         command += ["watch", f"{self.room_name}/{self.name}"]
         return shlex.join(command)
+
+    def needs_watcher(self) -> bool:
+        """Claude Code hears its messages through the hooks (Stop, and the idle wake); other clients without
+        push need the background watcher."""
+        return not self.push_enabled and self.client_name not in HOOKED_CLIENTS
 
     def ensure_joined(self) -> None:
         with self.lock:
@@ -292,18 +300,19 @@ class Tool:
     input_schema: dict
     output_schema: dict
     annotations: dict
-    handler: object            # handler(session, arguments) -> (structured dict, text)
+    handler: object            # handler(session, arguments) -> (structured dict, text for the model)
 
 
-def notice(session) -> str:
-    """The line every result starts with when the room or the inbox needs the model's attention."""
+def notice(session, tool: str = "") -> str:
+    """The lines every result starts with when the room or the inbox needs the model's attention. Only what
+    is true and actionable now: no "call check" on check itself, nor for a session that may not go on."""
     lines = []
     if session.room == "stopped":
-        lines.append("STOP: the human stopped the room. Stop working, report where you are, and wait.")
+        lines.append("STOP: the human stopped the room. Stop working, say in your reply where you are, and wait.")
     elif session.room == "paused":
-        lines.append("PAUSED: the human paused the room; messages are held until it resumes.")
+        lines.append("PAUSED: the human paused the room; messages between agents are held until it resumes.")
     count = session.unread.get("unread", 0)
-    if count:
+    if count and tool != "check" and not session.ended:
         latest = session.unread.get("latest_from")
         lines.append(f"{count} unread message{'s' if count > 1 else ''}"
                      + (f" (latest from {latest}, {session.unread.get('latest_category')})" if latest else "")
@@ -326,7 +335,7 @@ def t_join(session, args):
     if data["name"] != asked:
         text += (f"\n{asked} was taken or reserved, so you are {data['name']}; "
                  "choose a name with join(name=...) or CTL_NAME.")
-    if not session.push_enabled:
+    if session.needs_watcher():
         result["watch"] = session.watch_command()
         text += f"\nTo hear messages between turns, run in the background: {result['watch']}"
     return result, text + "\n" + NEXT_STEP[data["role"]]
@@ -366,19 +375,25 @@ def _refs(ids) -> str:
     return ", ".join(f"#{i}" for i in ids)
 
 
-def _task_block(task, nonce: str) -> list:
-    """Broker-set facts on the task's own line; every peer-written field in a fence of its own."""
+def _task_facts(task) -> str:
+    """The broker's facts about a task, on its own line outside any fence."""
     facts = f"#{task['id']} {task['status']}"
-    if task.get("depends_on"):
-        facts += f", after {_refs(task['depends_on'])}"
     if task.get("assignee"):
         facts += f", held by {task['assignee']}"
     if task["status"] == "done":
         facts += f", done by {task['done_by']}"
-    lines = [facts, fence(task["title"].splitlines() or [""], nonce, "title")]
-    if task["status"] == "done" and task.get("summary"):
-        lines.append(fence(task["summary"].splitlines(), nonce, "summary"))
-    return lines
+    if task.get("waiting_on"):
+        facts += f", waiting on {_refs(task['waiting_on'])}"
+    elif task.get("depends_on") and task["status"] != "done":
+        facts += f", after {_refs(task['depends_on'])}"
+    return facts
+
+
+def _peer_lines(task_id: int, label: str, text: str) -> list:
+    """One peer-written field inside a shared fence: `#id label: ...`; its further lines indented, so no
+    line of it can pass for another task's."""
+    first, *rest = text.splitlines() or [""]
+    return [f"#{task_id} {label}: {first}"] + [f"    {line}" for line in rest]
 
 
 def t_create_task(session, args):
@@ -392,15 +407,20 @@ def t_create_task(session, args):
 def t_list_tasks(session, args):
     query = "&".join(f"{k}={quote(str(args[k]))}" for k in ("status", "after") if args.get(k))
     data = session.ok("GET", f"/tasks?{query}" if query else "/tasks")
-    counts = ", ".join(f"{n} {s}" for s, n in data["counts"].items() if n)
+    status = args.get("status")
+    counts = ", ".join(f"{n} {s}" for s, n in data["counts"].items() if n) or "no tasks at all"
     if not data["tasks"]:
-        return data, f"No tasks{' with status ' + args['status'] if args.get('status') else ''} ({counts or 'none at all'})."
-    nonce = secrets.token_hex(6)
-    lines = [f"Tasks ({counts}):"] + [line for t in data["tasks"] for line in _task_block(t, nonce)]
+        return data, (f"No {status} tasks" if status else "No open tasks") + f" (room: {counts})."
+    tasks = data["tasks"]
+    heading = (f"{data['counts'][status]} {status} task(s)" if status else "Tasks") + f" (room: {counts}):"
+    peer_text = [line for t in tasks for line in _peer_lines(t["id"], "title", t["title"])]
+    peer_text += [line for t in tasks if t["status"] == "done" and t.get("summary")
+                  for line in _peer_lines(t["id"], "summary", t["summary"])]
+    lines = [heading] + [_task_facts(t) for t in tasks] + [fence(peer_text, secrets.token_hex(6), "titles")]
     if data.get("next_after"):
-        again = f"status='{args['status']}', " if args.get("status") else ""
+        again = f"status='{status}', " if status else ""
         lines.append(f"More after #{data['next_after']}: list_tasks with {again}after={data['next_after']}.")
-    elif data["not_shown"] and not args.get("status"):
+    elif data["not_shown"] and not status:
         lines.append(f"{data['not_shown']} older done tasks not shown; list_tasks with status='done' pages through them.")
     return data, "\n".join(lines)
 
@@ -409,14 +429,14 @@ def t_claim_task(session, args):
     body = {"task_id": args["task_id"]} if args.get("task_id") else {}
     task = session.ok("POST", "/tasks/claim", body)
     nonce = secrets.token_hex(6)
-    lines = [f"Claimed task #{task['id']}. Lock files before editing; complete it with a summary.",
-             fence(task["title"].splitlines(), nonce, "title")]
+    lines = [f"Claimed task #{task['id']}.", fence(task["title"].splitlines(), nonce, "title")]
     if task.get("description"):
         lines.append(fence(task["description"].splitlines(), nonce, "description"))
     for before in task.get("previous_holders", []):
         lines.append(f"Before you, {before['holder']} held it for {before['held_seconds']}s ({before['why']}); "
                      "pick up from its partial work. Its last status:")
         lines.append(fence((before["last_status"] or "(none given)").splitlines(), nonce, "status"))
+    lines.append(f"Next: do it, then complete_task(task_id={task['id']}, summary=what you changed).")
     return task, "\n".join(lines)
 
 
@@ -426,6 +446,8 @@ def t_complete_task(session, args):
     text = f"Completed task #{task['id']}."
     if task["unblocked"]:
         text += f" Now ready: {_refs(task['unblocked'])}."
+    if task.get("still_blocked"):
+        text += f" Still waiting on other tasks: {_refs(task['still_blocked'])}."
     if task.get("auto_locks_released"):
         text += f" Released {len(task['auto_locks_released'])} lock(s) taken automatically for your edits."
     if task.get("locks_held"):
@@ -537,9 +559,11 @@ TOOLS = [
 TOOLS_BY_NAME = {tool.name: tool for tool in TOOLS}
 
 
-def tool_listing() -> list:
+def tool_listing(structured: bool) -> list:
+    """outputSchema only for a client that asked for structured results: declared means always sent."""
     return [{"name": t.name, "title": t.title, "description": t.description, "inputSchema": t.input_schema,
-             "outputSchema": t.output_schema, "annotations": t.annotations} for t in TOOLS]
+             **({"outputSchema": t.output_schema} if structured else {}), "annotations": t.annotations}
+            for t in TOOLS]
 
 
 # ---------------------------------------------------------------- argument checking (the subset our schemas use)
@@ -604,6 +628,7 @@ class Server:
         self.protocol = None
         self.cancelled = set()
         self.client_capabilities = {}
+        self.structured = False     # the model reads our text; structured results only for a client that asks
         self.methods = {"initialize": self.initialize, "ping": lambda params: {},
                         "tools/list": self.tools_list, "tools/call": self.tools_call}
         self.notifications = {"notifications/initialized": self.initialized,
@@ -692,6 +717,10 @@ class Server:
         capabilities = params.get("capabilities")
         self.client_capabilities = capabilities if isinstance(capabilities, dict) else {}
         self.session.push_enabled = self.push_wanted()
+        experimental = self.client_capabilities.get("experimental")
+        self.structured = isinstance(experimental, dict) and STRUCTURED_CAPABILITY in experimental
+        client = params.get("clientInfo")
+        self.session.client_name = client.get("name") if isinstance(client, dict) else None
         return {"protocolVersion": self.protocol,
                 "capabilities": {"tools": {"listChanged": False}, "experimental": {"claude/channel": {}}},
                 "serverInfo": {"name": "control-tower-lite", "title": "Control Tower Lite", "version": ctl.VERSION},
@@ -727,7 +756,7 @@ class Server:
             self.cancelled.add(request_id)
 
     def tools_list(self, params: dict) -> dict:
-        return {"tools": tool_listing()}
+        return {"tools": tool_listing(self.structured)}
 
     def tools_call(self, params: dict) -> dict:
         name = params.get("name")
@@ -743,9 +772,11 @@ class Server:
         try:
             structured, text = tool.handler(self.session, arguments)
         except ToolRefusal as refusal:
-            return tool_error(notice(self.session) + str(refusal))
-        return {"content": [{"type": "text", "text": notice(self.session) + text}], "structuredContent": structured,
-                "isError": False}
+            return tool_error(notice(self.session, name) + str(refusal))
+        result = {"content": [{"type": "text", "text": notice(self.session, name) + text}], "isError": False}
+        if self.structured:
+            result["structuredContent"] = structured
+        return result
 
     def run_tool_call(self, msg_id, params: dict) -> None:
         try:

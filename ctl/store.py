@@ -521,7 +521,7 @@ class Store:
             if reach is not None:
                 self.note_reach(peer, reach)
         return {"room": self.room_state(peer["room_id"]), "lease_seconds": self.settings.lease_seconds,
-                **self.unread_summary(peer["id"])}
+                **self.unread_summary(peer)}
 
     def note_reach(self, peer, reach: str) -> None:
         """How the peer hears messages now (push, a watcher, hooks, or its next tool call), for the peer list."""
@@ -530,19 +530,21 @@ class Store:
                 self.db.execute("UPDATE peers SET reach=? WHERE id=?", (reach, peer["id"]))
             self._changed()
 
-    def unread_summary(self, peer_id: int) -> dict:
+    def unread_summary(self, peer) -> dict:
         """How many messages wait, and from whom the latest: the one-line notice every tool result carries.
-        Kept per peer until its deliveries change, so a session with a long backlog does not count it on
-        every call."""
-        cached = self._unread.get(peer_id)
-        if cached is None:
-            cached = self._unread[peer_id] = self._count_unread(peer_id)
-        return dict(cached)
+        Messages held by a pause are not counted: they are not readable until the human resumes. Kept per
+        peer until its deliveries change, so a session with a long backlog does not count it on every call."""
+        held = self.room_state(peer["room_id"]) == "paused"
+        cached = self._unread.get(peer["id"])
+        if cached is None or cached[0] != held:
+            cached = self._unread[peer["id"]] = (held, self._count_unread(peer["id"], held))
+        return dict(cached[1])
 
-    def _count_unread(self, peer_id: int) -> dict:
+    def _count_unread(self, peer_id: int, held: bool) -> dict:
+        readable = "AND m.origin != 'agent'" if held else ""
         row = self.db.execute(
-            "SELECT COUNT(*) AS n, MAX(d.id) AS latest FROM deliveries d WHERE d.peer_id=? AND d.acked_at IS NULL",
-            (peer_id,)).fetchone()
+            "SELECT COUNT(*) AS n, MAX(d.id) AS latest FROM deliveries d JOIN messages m ON m.id=d.message_id "
+            f"WHERE d.peer_id=? AND d.acked_at IS NULL {readable}", (peer_id,)).fetchone()
         if not row["n"]:
             return {"unread": 0}
         latest = self.db.execute("SELECT m.sender, m.category FROM deliveries d JOIN messages m ON m.id=d.message_id "
@@ -891,10 +893,14 @@ class Store:
             self.db.execute("UPDATE tasks SET status='done', done_by=?, done_at=?, summary=?, files=?, "
                             "assignee_id=NULL WHERE room_id=? AND id=?",
                             (actor.name, now, summary, json.dumps(files), room_id, task_id))
-            unblocked = []
+            unblocked, still_blocked = [], []
             for (dependent,) in self.db.execute("SELECT task_id FROM task_deps WHERE room_id=? AND depends_on=?",
                                                 (room_id, task_id)).fetchall():
-                if self._task(room_id, dependent)["status"] == "blocked" and not self._waiting_on(room_id, dependent):
+                if self._task(room_id, dependent)["status"] != "blocked":
+                    continue
+                if self._waiting_on(room_id, dependent):
+                    still_blocked.append(dependent)
+                else:
                     self.db.execute("UPDATE tasks SET status='ready' WHERE room_id=? AND id=?", (room_id, dependent))
                     unblocked.append(dependent)
             released = []
@@ -905,7 +911,7 @@ class Store:
             self._event(room_id, now, "completed", actor.name, f"task #{task_id}")
             self._changed()
             view = self._task_view(room_id, task_id)
-            view["unblocked"] = unblocked
+            view["unblocked"], view["still_blocked"] = unblocked, still_blocked
             view["auto_locks_released"] = released
             if actor.kind == "peer":
                 view["locks_held"] = self.db.execute("SELECT COUNT(*) FROM locks WHERE holder_id=?",

@@ -300,9 +300,11 @@ class McpSession:
         wanted = self.next_id
         return self.next_message(timeout, match=lambda m: m.get("id") == wanted)
 
-    def initialize(self, version="2025-11-25"):
-        reply = self.request("initialize", {"protocolVersion": version, "capabilities": {},
-                                            "clientInfo": {"name": "tests", "version": "1"}})
+    def initialize(self, version="2025-11-25", structured=True, client="tests"):
+        """Tests read structured results by asking for them, as any program may; the model's default is text."""
+        capabilities = {"experimental": {"ctl/structured": {}}} if structured else {}
+        reply = self.request("initialize", {"protocolVersion": version, "capabilities": capabilities,
+                                            "clientInfo": {"name": client, "version": "1"}})
         self.write({"jsonrpc": "2.0", "method": "notifications/initialized"})
         return reply
 
