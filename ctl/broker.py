@@ -106,7 +106,7 @@ class HttpLoop:
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.listener, selectors.EVENT_READ, None)
         self.connections = set()
-        self.ready = set()          # connections with buffered bytes to parse in this iteration
+        self.ready = {}             # connections with buffered bytes to parse in this iteration, in arrival order
         self.parked = {}            # peer id -> its connections waiting for mail, so a wake-up scans no others
         self.request_timeout = broker.settings.request_timeout
         self.running = True
@@ -216,13 +216,13 @@ class HttpLoop:
     def _advance(self, conn: Connection) -> None:
         """Mark the connection as having bytes to look at in this iteration's batch."""
         if conn in self.connections and not conn.park and not conn.outbuf and not conn.close_after and conn.inbuf:
-            self.ready.add(conn)
+            self.ready[conn] = None
 
     def _run_batch(self) -> None:
         """Group commit: every complete request of this iteration runs in one transaction (each in its own
         savepoint, so a failure rolls back only itself), one commit makes them durable together, and only
         then are the answers written and the waiting reads woken. No answer ever precedes its commit."""
-        ready, self.ready = self.ready, set()
+        ready, self.ready = self.ready, {}
         batch = []
         for conn in ready:
             if conn not in self.connections or conn.park or conn.outbuf or conn.close_after:
@@ -246,12 +246,14 @@ class HttpLoop:
         if grouped and not store.commit_batch():
             outcomes = [(503, {"error": {"code": "storage_busy", "message": "storage failed to commit; retry"}},
                          {"Retry-After": "1"})] * len(batch)
+        for (conn, _), outcome in zip(batch, outcomes):
+            if isinstance(outcome, Park):   # parked before the wake-up: a send later in this batch finds them
+                conn.park = outcome
+                self.parked.setdefault(outcome.peer_id, set()).add(conn)
         self._wake_parked()                 # the recipients hear first; the senders' answers follow
         elapsed = (time.perf_counter() - started) * 1000
         for (conn, req), outcome in zip(batch, outcomes):
             if isinstance(outcome, Park):
-                conn.park = outcome
-                self.parked.setdefault(outcome.peer_id, set()).add(conn)
                 continue
             self._respond(conn, *outcome)
             if self.verbose or outcome[0] >= 400:
