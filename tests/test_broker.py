@@ -384,7 +384,7 @@ class FrontDoorTest(BrokerTestCase):
             self.assertEqual(self.status_of(raw), expected, headers)
             self.assertIn(b'"error"', raw)
         for bad_body, code in ((b'{"summary":"a","summary":"b"}', "duplicate_key"), (b'{"summary": NaN}', "bad_json"),
-                               (b"[" * 50 + b"]" * 50, "too_deep"), (b"[1,2]", "bad_json"), (b"\xff\xfe", "bad_json"),
+                               (b"{\"a\":" + b"[" * 50 + b"]" * 50 + b"}", "too_deep"), (b"[1,2]", "bad_json"), (b"\xff\xfe", "bad_json"),
                                (b'{"summary": "x"', "bad_json")):
             status, data = self._post_raw(worker.token, bad_body)
             self.assertEqual((status, data["error"]["code"]), (400, code), bad_body)
