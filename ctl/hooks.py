@@ -7,7 +7,8 @@
     hook.py SessionStart    a short briefing: room, role, who is here, claims, locks, unread count
     hook.py git-pre-commit  refuse a commit that touches files other peers have locked
 
-Each reads the JSON Claude Code sends on stdin and acts as the session's own peer, found through the
+`--client codex|gemini` speaks that client's dialect (its tools, its form of a refusal: dialects.py).
+Each reads the JSON the client sends on stdin and acts as the session's own peer, found through the
 binding its MCP server wrote (see identity.py): no token ever travels in argv or the environment. With
 no binding it does nothing. With the broker down it fails open with a visible warning, except for a
 path it last saw locked by another peer, which stays closed.
@@ -17,11 +18,11 @@ import os
 import sys
 import time
 
-from ctl import common, identity, user_command
+from ctl import common, dialects, identity, user_command
 from ctl.common import BrokerClient, BrokerUnavailable, StateError
 from ctl.render import render_messages, when
 
-FILE_FIELDS = ("file_path", "notebook_path", "path")
+DIALECT = dialects.CLIENTS["claude"]    # the client that runs us: --client NAME (see dialects.py)
 BINDING_WAIT = 3.0          # SessionStart may run before the MCP server has joined
 
 
@@ -66,8 +67,7 @@ def one_line(text: str, limit: int = 80) -> str:
 
 
 def deny(reason: str) -> None:
-    emit({"hookSpecificOutput": {"hookEventName": "PreToolUse", "permissionDecision": "deny",
-                                 "permissionDecisionReason": reason}})
+    emit(DIALECT.deny(reason))
 
 
 def held_line(path: str, lock: dict) -> str:
@@ -80,13 +80,19 @@ def held_line(path: str, lock: dict) -> str:
 def pre_tool_use(event: dict, peer: Peer) -> None:
     tool = str(event.get("tool_name", ""))
     arguments = event.get("tool_input") if isinstance(event.get("tool_input"), dict) else {}
-    target = next((arguments[f] for f in FILE_FIELDS if isinstance(arguments.get(f), str)), None)
-    if not target:
-        return
     root = peer.binding["root"]
-    path = os.path.realpath(target if os.path.isabs(target) else os.path.join(event.get("cwd") or root, target))
-    if not path.startswith(root.rstrip(os.sep) + os.sep):
-        return                                              # not this project's file: not ours to guard
+    cwd = event.get("cwd") or root
+    for target in DIALECT.write_targets(tool, arguments, cwd):
+        path = os.path.realpath(target if os.path.isabs(target) else os.path.join(cwd, target))
+        inside = path.startswith(root.rstrip(os.sep) + os.sep)   # a file elsewhere is not ours to guard
+        if inside and not guard(path, tool, peer):
+            return                                          # answered: one answer per call
+
+
+def guard(path: str, tool: str, peer: Peer) -> bool:
+    """Lock one file of the project for this session. False once an answer is given (a refusal or a warning):
+    the client reads one answer per call."""
+    root = peer.binding["root"]
     memo = peer.memo()
     try:
         status, data = peer.call("POST", "/locks", {"path": path, "reason": f"auto: {tool}"[:200]})
@@ -97,20 +103,22 @@ def pre_tool_use(event: dict, peer: Peer) -> None:
         else:
             emit({"systemMessage": "Control Tower Lite: the broker is not answering, so this edit is unguarded "
                                    f"by locks. Start it: {user_command('launch')}"})
-        return
+        return False
     error = data.get("error", {}) if isinstance(data, dict) else {}
     others = memo.setdefault("held_by_others", {})
     if status == 409 and "lock" in error:
         others[path] = error["lock"]
         peer.remember(memo)
         deny(held_line(error["lock"]["path"], error["lock"]))
-    elif status == 423:
+        return False
+    if status == 423:
         deny("The human stopped the room: make no more edits. Report where you are and wait for the human.")
     elif status != 200:
         emit({"systemMessage": f"Control Tower Lite could not lock {os.path.relpath(path, root)}: "
                                f"{error.get('message', status)}"})
     elif others.pop(path, None) is not None:
         peer.remember(memo)
+    return status == 200
 
 
 # ---------------------------------------------------------------- Stop: messages that arrive
@@ -246,14 +254,17 @@ def find_peer(state_dir: str, wait: float):
 def main(argv=None) -> int:
     """Parsed by hand: argparse would cost every edit a few milliseconds of import."""
     argv = sys.argv[1:] if argv is None else argv
+    global DIALECT
     options = {}
-    while argv and argv[0] in ("--port", "--state-dir") and len(argv) > 1:
+    while argv and argv[0] in ("--port", "--state-dir", "--client") and len(argv) > 1:
         options[argv[0]], argv = argv[1], argv[2:]
     port_arg, state_arg = options.get("--port"), options.get("--state-dir")
-    if len(argv) != 1 or argv[0] not in (*EVENTS, "git-pre-commit"):
-        print(f"usage: hook.py [--port N] [--state-dir DIR] {{{','.join([*EVENTS, 'git-pre-commit'])}}}",
-              file=sys.stderr)
+    if len(argv) != 1 or argv[0] not in (*EVENTS, "git-pre-commit") or \
+            options.get("--client", "claude") not in dialects.CLIENTS:
+        print(f"usage: hook.py [--port N] [--state-dir DIR] [--client {{{','.join(dialects.CLIENTS)}}}] "
+              f"{{{','.join([*EVENTS, 'git-pre-commit'])}}}", file=sys.stderr)
         return 2
+    DIALECT = dialects.CLIENTS[options.get("--client", "claude")]
     try:
         state_dir = common.resolve_state_dir(state_arg)
         if argv[0] == "git-pre-commit":

@@ -1,0 +1,82 @@
+"""How each coding agent speaks hooks, as one table per client over the same core (hooks.py).
+
+A dialect says, for one client: which of its events runs which of our hooks (with what matcher and in
+what timeout unit, for installing them), which of its tools write which files (and which run shell
+commands), and how it reads a refusal. Everything else (the Stop hand-over, the SessionStart briefing,
+a visible warning) is read the same way by all three: `{"decision": "block", "reason": ...}`,
+`hookSpecificOutput.additionalContext`, `systemMessage`.
+"""
+import re
+from dataclasses import dataclass
+
+PATCH_PATH = re.compile(r"^\*\*\* (?:Add File|Update File|Delete File|Move to): (.+?)\s*$", re.M)
+
+
+def field(name: str):
+    """A tool that writes the one file its `name` argument names."""
+    return lambda arguments: [arguments[name]] if isinstance(arguments.get(name), str) else []
+
+
+def patch_paths(arguments) -> list:
+    """Codex's apply_patch: every file its patch adds, updates, deletes or moves to."""
+    text = arguments.get("command") if isinstance(arguments, dict) else arguments
+    return PATCH_PATH.findall(text) if isinstance(text, str) else []
+
+
+def permission_deny(reason: str) -> dict:
+    """Claude Code's form; Codex reads the same one and refuses any other top-level key beside it."""
+    return {"hookSpecificOutput": {"hookEventName": "PreToolUse", "permissionDecision": "deny",
+                                   "permissionDecisionReason": reason}}
+
+
+def decision_deny(reason: str) -> dict:
+    """Gemini CLI reads only a top-level decision (it ignores permissionDecision)."""
+    return {"decision": "deny", "reason": reason}
+
+
+@dataclass(frozen=True)
+class Dialect:
+    label: str
+    events: dict            # our hook -> (the client's event name, its matcher or None)
+    writers: dict           # tool name -> arguments -> the paths it writes
+    shells: dict            # tool name -> the argument holding its shell command
+    deny: object            # reason -> the answer that refuses the tool call
+    timeout_scale: int      # the client's unit of a hook timeout, in seconds (1000: milliseconds)
+
+    def write_targets(self, tool: str, arguments: dict, cwd: str) -> list:
+        """The files this call will write, as given (relative ones are the caller's to resolve)."""
+        if tool in self.writers:
+            return self.writers[tool](arguments)
+        command = arguments.get(self.shells.get(tool, ""))
+        if not isinstance(command, str):
+            return []
+        try:
+            from ctl import shellwrites                 # only shell calls pay for the command parser
+        except ImportError:                             # the shell-write parser has not landed (issue 22)
+            return []
+        return shellwrites.write_targets(command, cwd)
+
+
+def matcher(*tools) -> str:
+    return "^(" + "|".join(re.escape(t) for t in tools) + ")$"
+
+
+CLAUDE_WRITERS = {"Edit": field("file_path"), "Write": field("file_path"), "MultiEdit": field("file_path"),
+                  "NotebookEdit": field("notebook_path")}
+CODEX_WRITERS = {"apply_patch": patch_paths}
+GEMINI_WRITERS = {"write_file": field("file_path"), "replace": field("file_path")}
+
+CLIENTS = {
+    "claude": Dialect("Claude Code",
+                      {"PreToolUse": ("PreToolUse", "|".join([*CLAUDE_WRITERS, "Bash"])),
+                       "Stop": ("Stop", None), "SessionStart": ("SessionStart", None)},
+                      CLAUDE_WRITERS, {"Bash": "command"}, permission_deny, 1),
+    "codex": Dialect("Codex CLI",
+                     {"PreToolUse": ("PreToolUse", matcher(*CODEX_WRITERS, "Bash")),
+                      "Stop": ("Stop", None), "SessionStart": ("SessionStart", None)},
+                     CODEX_WRITERS, {"Bash": "command"}, permission_deny, 1),
+    "gemini": Dialect("Gemini CLI",
+                      {"PreToolUse": ("BeforeTool", matcher(*GEMINI_WRITERS, "run_shell_command")),
+                       "Stop": ("AfterAgent", None), "SessionStart": ("SessionStart", None)},
+                      GEMINI_WRITERS, {"run_shell_command": "command"}, decision_deny, 1000),
+}
