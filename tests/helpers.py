@@ -1,4 +1,5 @@
 """Real brokers and real MCP servers as subprocesses on free loopback ports, each with its own state dir."""
+import atexit
 import contextlib
 import json
 import os
@@ -14,6 +15,14 @@ import unittest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+# The user's own settings must never reach a test, nor a test the user's broker or state: every test names
+# its own port and state directory, and what runs without them finds an empty one, not ~/.control-tower.
+for _setting in [key for key in os.environ if key.startswith("CTL_")]:
+    del os.environ[_setting]
+ISOLATED_HOME = tempfile.mkdtemp(prefix="ctl-test-home-")
+os.environ["HOME"] = ISOLATED_HOME
+atexit.register(shutil.rmtree, ISOLATED_HOME, True)
 
 from ctl import common as ctl_common  # noqa: E402
 from ctl import launch  # noqa: E402
