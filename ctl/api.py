@@ -203,6 +203,18 @@ def r_health(broker, actor, q):
     return answer
 
 
+def r_mint_link(broker, actor, b):
+    """A one-time dashboard link for the caller's own kind of access; via "file" also writes the handoff file."""
+    return broker.handoffs.mint(actor.kind, time.time(), b["via"] == "file")
+
+
+def r_redeem_link(broker, actor, b):
+    """The dashboard trades its one-time code for the token, once."""
+    kind = broker.handoffs.redeem(b["code"], time.time())
+    token = broker.operator_token if kind == "operator" else broker.observer_token
+    return {"token": token.decode(), "viewer": kind}
+
+
 def r_join(broker, actor, b):
     """The room is the project root the session sent (checked above), or the name CTL_ROOM gave."""
     now = time.time()
@@ -346,6 +358,9 @@ REACHES = ("push", "watcher", "hooks", "tool")
 
 ROUTES = {
     ("GET", "/health"): Route(r_health, PUBLIC, {"challenge": Field("hex")}, scoped=False),
+    ("POST", "/link"): Route(r_mint_link, OBSERVERS, {"via": Field("enum", choices=("link", "file"), default="link")},
+                             scoped=False),
+    ("POST", "/link/redeem"): Route(r_redeem_link, PUBLIC, {"code": Field("token", required=True)}, scoped=False),
     ("POST", "/join"): Route(r_join, JOINING, {
         "name": Field("name", required=True),
         "role": Field("enum", choices=("worker", "architect")),

@@ -13,7 +13,7 @@ from urllib.parse import unquote_plus
 from base64 import b64encode
 from dataclasses import dataclass
 
-from ctl import PACKAGE_DIR, common
+from ctl import common, dashboard
 from ctl.api import JOINING, PUBLIC, ROUTE_METHODS, ROUTES, Flags, Park, Route, room_id_from, safe_name, validate
 from ctl.common import TokenSigner
 from ctl.config import MAX_JSON_DEPTH, PRUNE_EVERY, Settings
@@ -148,20 +148,21 @@ class Broker:
         self.next_prune = self.started + PRUNE_EVERY
         self.connections = 0
         self.static_pages = self._static_pages()
+        self.handoffs = dashboard.Handoffs(state_dir, port)
 
     def _static_pages(self) -> dict:
         """GET responses that carry no data, so they need no token: path -> (status, body, headers)."""
-        dashboard = self._load_dashboard()
-        if dashboard is None:
-            page = (404, {"error": {"code": "no_dashboard", "message": "dashboard.html is missing from the ctl package"}}, {})
+        loaded = self._load_dashboard()
+        if loaded is None:
+            page = (404, {"error": {"code": "no_dashboard", "message": "dashboard.html is missing: it belongs at the "
+                                    "top of the checkout, or among an install's data files"}}, {})
         else:
-            page = (200, dashboard[0], {"Content-Type": "text/html; charset=utf-8",
-                                        "Content-Security-Policy": dashboard[1]})
+            page = (200, loaded[0], {"Content-Type": "text/html; charset=utf-8", "Content-Security-Policy": loaded[1]})
         return {"/": page, "/dashboard.html": page, "/favicon.ico": (204, b"", {})}
 
     def _load_dashboard(self):
         try:
-            with open(os.path.join(PACKAGE_DIR, "dashboard.html"), "rb") as handle:
+            with open(dashboard.page_path() or "", "rb") as handle:
                 page = handle.read()
         except OSError:
             return None
@@ -203,8 +204,15 @@ class Broker:
         if origin is not None and origin.lower() not in self.allowed_origins:
             raise ApiError(403, "foreign_origin", "requests from other origins are refused")
         fetch_site = req.headers.get("sec-fetch-site")
-        if fetch_site is not None and fetch_site.lower() not in ("same-origin", "none"):
+        if fetch_site is not None and fetch_site.lower() not in ("same-origin", "none") and not self._page_visit(req):
             raise ApiError(403, "cross_site", "cross-site requests are refused")
+
+    def _page_visit(self, req: Request) -> bool:
+        """A top-level visit to the static page, from a link or launch's handoff file: it carries no token,
+        reads no data and changes nothing, so it may come from another site. API calls stay same-origin."""
+        return (req.method == "GET" and req.path in self.static_pages
+                and req.headers.get("sec-fetch-mode", "").lower() == "navigate"
+                and req.headers.get("sec-fetch-dest", "").lower() == "document")
 
     def authenticate(self, req: Request, route: Route) -> Actor:
         """Who is asking, from the token alone. `authorize` then decides whether they may."""

@@ -18,18 +18,18 @@ from ctl.common import StateError
 from ctl.errors import ApiError
 from ctl.names import RESERVED_SKELETONS, name_skeleton
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 SCHEMA = """
 CREATE TABLE rooms(
   id INTEGER PRIMARY KEY, key TEXT NOT NULL, name TEXT NOT NULL, root TEXT,
-  state TEXT NOT NULL DEFAULT 'running', seat TEXT, created_at REAL NOT NULL, archived_at REAL);
+  state TEXT NOT NULL DEFAULT 'running', created_at REAL NOT NULL, archived_at REAL, seat_peer INTEGER);
 CREATE UNIQUE INDEX rooms_open_key ON rooms(key) WHERE archived_at IS NULL;
 CREATE UNIQUE INDEX rooms_open_name ON rooms(name) WHERE archived_at IS NULL;
 CREATE TABLE peers(
   id INTEGER PRIMARY KEY, room_id INTEGER NOT NULL, name TEXT NOT NULL, role TEXT NOT NULL,
   generation INTEGER NOT NULL, status TEXT NOT NULL, summary TEXT NOT NULL DEFAULT '', root TEXT,
   joined_at REAL NOT NULL, last_seen REAL NOT NULL, last_read REAL, reach TEXT NOT NULL DEFAULT 'tool',
-  UNIQUE(room_id, name));
+  agent TEXT, UNIQUE(room_id, name));
 CREATE TABLE messages(
   id INTEGER PRIMARY KEY, room_id INTEGER NOT NULL, sender TEXT NOT NULL, sender_role TEXT NOT NULL,
   origin TEXT NOT NULL, recipient TEXT NOT NULL, category TEXT NOT NULL, content TEXT NOT NULL,
@@ -64,7 +64,7 @@ CREATE TABLE events(
   detail TEXT NOT NULL, count INTEGER NOT NULL DEFAULT 1);
 CREATE INDEX events_room ON events(room_id, id);
 """
-SEAT_REVOKED = ""       # rooms.seat: NULL never had an architect, "" revoked by the operator, else the holder's name
+SEAT_REVOKED = 0        # rooms.seat_peer: NULL never had an architect, 0 revoked or vacated, else the holder's peer id
 
 
 # ---------------------------------------------------------------- opening, versions, migrations
@@ -77,17 +77,17 @@ def _migrate_v1(db) -> None:
     root = roots[0][0] if roots else None
     name = room_name_for(root) if root else "default"
     state_row = db.execute("SELECT value FROM room WHERE key='state'").fetchone()
-    seat = db.execute("SELECT name FROM peers WHERE role='architect' ORDER BY last_seen DESC").fetchone()
+    seat = db.execute("SELECT id FROM peers WHERE role='architect' ORDER BY last_seen DESC").fetchone()
     for table in ("peers", "messages", "deliveries", "tasks", "task_deps", "locks", "memory", "events", "room"):
         db.execute(f"ALTER TABLE {table} RENAME TO v1_{table}")
     for index in [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='index' AND sql IS NOT NULL")]:
         db.execute(f"DROP INDEX {index}")
     db.executescript_statements(SCHEMA)
-    db.execute("INSERT INTO rooms(id, key, name, root, state, seat, created_at) VALUES(1,?,?,?,?,?,?)",
+    db.execute("INSERT INTO rooms(id, key, name, root, state, seat_peer, created_at) VALUES(1,?,?,?,?,?,?)",
                (f"root:{root}" if root else "name:default", name, root,
                 state_row[0] if state_row else "running", seat[0] if seat else None, time.time()))
     db.execute("INSERT INTO peers SELECT id, 1, name, role, generation, status, summary, root, joined_at, "
-               "last_seen, NULL, 'tool' FROM v1_peers")
+               "last_seen, NULL, 'tool', NULL FROM v1_peers")
     db.execute("INSERT INTO messages SELECT id, 1, sender, sender_role, origin, recipient, category, content, "
                "created_at, NULL FROM v1_messages")
     db.execute("INSERT INTO deliveries SELECT d.id, d.peer_id, d.message_id, "
@@ -103,7 +103,19 @@ def _migrate_v1(db) -> None:
         db.execute(f"DROP TABLE v1_{table}")
 
 
-MIGRATIONS = {1: _migrate_v1}     # from version N to N+1; a v1 database has user_version 0 and a `room` table
+def _migrate_v2(db) -> None:
+    """v2 gave the architect seat to a name, which anyone could take once its holder died: v3 gives it to the
+    holder's peer row, whose current token only its own session has. Kicks also remember the agent process."""
+    if "seat_peer" in {r[1] for r in db.execute("PRAGMA table_info(rooms)")}:
+        return                          # made by _migrate_v1, which writes the newest schema
+    db.execute("ALTER TABLE peers ADD COLUMN agent TEXT")
+    db.execute("ALTER TABLE rooms ADD COLUMN seat_peer INTEGER")
+    db.execute("UPDATE rooms SET seat_peer = CASE WHEN seat IS NULL THEN NULL WHEN seat = '' THEN 0 ELSE "
+               "COALESCE((SELECT id FROM peers p WHERE p.room_id = rooms.id AND p.name = rooms.seat), 0) END")
+    db.execute("ALTER TABLE rooms DROP COLUMN seat")
+
+
+MIGRATIONS = {1: _migrate_v1, 2: _migrate_v2}   # from version N to N+1; a v1 database has user_version 0 and a `room` table
 
 
 class _Script:
@@ -185,6 +197,16 @@ class Actor:
     @property
     def role(self) -> str:
         return self.peer["role"] if self.peer is not None else self.kind
+
+
+@dataclass(frozen=True)
+class JoinCaller:
+    """What a joining session proves or says about itself: `resumed`, the peer its current token names;
+    `presented`, the peer any genuine token of it names (kicked or superseded included); `agent`, an opaque
+    id of its agent process (from the MCP server), so a kick outlives the token."""
+    resumed: int = None
+    presented: int = None
+    agent: str = None
 
 
 class RateLimiter:
@@ -447,21 +469,25 @@ class Store:
         if peer["status"] != "active":
             self._changed()
 
-    def join(self, name: str, role, summary: str, root, room_key: str, room_name: str, resumed_peer_id, now: float):
+    def join(self, name: str, role, summary: str, root, room_key: str, room_name: str, caller, now: float):
         """Join (or rejoin) the room `room_key` names. Without a role, a resumed session keeps the one it holds."""
         with self.tx():
             self._reap(now)
             room = self._room_for_join(room_key, room_name, root, now)
             room_id = room["id"]
             row = self._peer_by_name(room_id, name)
-            resumed = row is not None and resumed_peer_id == row["id"]
-            if row is not None and row["status"] == "kicked":
-                raise ApiError(403, "kicked", f"the operator removed {name} from this room; ask the human before rejoining")
+            resumed = row is not None and caller.resumed == row["id"]
+            if (row is not None and row["status"] == "kicked") or self._kicked_caller(room_id, caller):
+                raise ApiError(403, "kicked", "the human removed this session from the room; "
+                                              "ask the human before rejoining, under any name")
             if row is None and self.room_state(room_id) == "stopped":
                 raise _stopped()
             if row is not None and self._is_alive(row, now) and not resumed:
                 raise ApiError(409, "name_taken", f"{name} is in use by a live session; "
                                                   "choose another name with join(name=...) or CTL_NAME")
+            if row is not None and row["id"] == room["seat_peer"] and not resumed:
+                raise ApiError(409, "name_taken", f"{name} holds the architect seat: only its own session (with its "
+                                                  "token) or the human can use that name; choose another name")
             skeleton = name_skeleton(name)
             if skeleton in RESERVED_SKELETONS:
                 raise ApiError(400, "reserved_name", f"{name} is reserved; choose another name with join(name=...) "
@@ -478,38 +504,60 @@ class Store:
                     raise ApiError(507, "room_full", f"the room already has {live} live sessions, the most it takes")
                 self.join_limiter.check(room_id, 1, now)
                 self.join_limiter.spend(room_id, 1, now)
-            role = self._seat_role(room, name, role or (row["role"] if resumed else None) or "worker", now)
+            role = self._seat_role(room, row if resumed else None, role or (row["role"] if resumed else None)
+                                   or "worker")
             if row is None:
                 peer_id = self.db.execute(
-                    "INSERT INTO peers(room_id, name, role, generation, status, summary, root, joined_at, last_seen) "
-                    "VALUES(?,?,?,1,'active',?,?,?,?)", (room_id, name, role, summary, root, now, now)).lastrowid
+                    "INSERT INTO peers(room_id, name, role, generation, status, summary, root, joined_at, last_seen, "
+                    "agent) VALUES(?,?,?,1,'active',?,?,?,?,?)",
+                    (room_id, name, role, summary, root, now, now, caller.agent)).lastrowid
             else:
                 peer_id = row["id"]
                 self.db.execute("UPDATE peers SET role=?, generation=generation+1, status='active', summary=?, "
-                                "root=COALESCE(?, root), joined_at=?, last_seen=? WHERE id=?",
-                                (role, summary, root, now, now, peer_id))
+                                "root=COALESCE(?, root), joined_at=?, last_seen=?, agent=COALESCE(?, agent) WHERE id=?",
+                                (role, summary, root, now, now, caller.agent, peer_id))
+            if role == "architect" and room["seat_peer"] is None:
+                self.db.execute("UPDATE rooms SET seat_peer=? WHERE id=?", (peer_id, room_id))
             self._event(room_id, now, "joined", name, f"as {role}" + (" (resumed)" if resumed else ""))
             self._changed()
             return self.peer_by_id(peer_id)
 
-    def _seat_role(self, room, name: str, role: str, now: float) -> str:
-        """The seat is free only in a room that never had an architect; after that it stays with its holder's
-        name (alive or not) until the operator hands it over or revokes it, and a revocation sticks."""
+    def _kicked_caller(self, room_id: int, caller) -> bool:
+        """A kick removes the session, not one of its names: its token (even superseded) and its agent process
+        are refused in that room, under any name, until the human resets the room."""
+        if caller.presented is not None:
+            peer = self.peer_by_id(caller.presented)
+            if peer is not None and peer["room_id"] == room_id and peer["status"] == "kicked":
+                return True
+        return caller.agent is not None and self.db.execute(
+            "SELECT 1 FROM peers WHERE room_id=? AND agent=? AND status='kicked' LIMIT 1",
+            (room_id, caller.agent)).fetchone() is not None
+
+    def _seat_role(self, room, resumed_row, role: str) -> str:
+        """The seat is free only in a room that never had an architect; after that it belongs to its holder's
+        peer row, alive or dead, which only a session with that row's current token resumes (a name alone is
+        not enough), until the operator hands it over or revokes it; a revocation sticks."""
         if role != "architect":
             return role
-        seat = room["seat"]
-        if seat == name:
+        seat = room["seat_peer"]
+        if seat is None or (resumed_row is not None and resumed_row["id"] == seat):
             return role
-        if seat is None:
-            self.db.execute("UPDATE rooms SET seat=? WHERE id=?", (name, room["id"]))
-            return role
-        holder = f"{seat} holds the architect seat" if seat else "the human revoked the architect seat"
-        raise ApiError(409, "architect_seat_taken",
-                       f"{holder}; join as a worker, or ask the human to hand the seat to you")
+        holder = self.peer_by_id(seat) if seat else None
+        why = f"{holder['name']} holds the architect seat" if holder else "the human revoked the architect seat"
+        raise ApiError(409, "architect_seat_taken", f"{why}; join as a worker, or ask the human to hand the seat to you")
+
+    def seat_holder(self, room) -> str:
+        """The seat as the dashboard shows it: the holder's name, "" when revoked or vacated, None if never held."""
+        if room["seat_peer"] is None:
+            return None
+        holder = self.peer_by_id(room["seat_peer"]) if room["seat_peer"] else None
+        return holder["name"] if holder else ""
 
     def leave(self, peer, now: float) -> None:
+        """Leaving gives up the seat too: the human hands it to the next architect."""
         with self.tx():
             self._release_peer(peer["id"], "left", now, "its session left")
+            self._vacate_seat(peer)
             self._event(peer["room_id"], now, "left", peer["name"], "claims and locks released")
 
     def heartbeat(self, peer, summary, reach, now: float) -> dict:
@@ -1046,9 +1094,14 @@ class Store:
                 raise ApiError(404, "unknown_peer", "no peer of that name to kick")
             self._release_peer(row["id"], "kicked", now, "the human removed its session")
             self.db.execute("UPDATE peers SET generation=generation+1, role='worker' WHERE id=?", (row["id"],))
+            self._vacate_seat(row)
             self._event(room_id, now, "kicked", "operator", name)
         self.wake_everyone = True
         return {"kicked": name}
+
+    def _vacate_seat(self, peer) -> None:
+        self.db.execute("UPDATE rooms SET seat_peer=? WHERE id=? AND seat_peer=?",
+                        (SEAT_REVOKED, peer["room_id"], peer["id"]))
 
     def set_architect(self, room_id: int, name, now: float) -> dict:
         with self.tx():
@@ -1057,7 +1110,8 @@ class Store:
             self.db.execute("UPDATE peers SET role='worker' WHERE room_id=? AND role='architect'", (room_id,))
             if target is not None:
                 self.db.execute("UPDATE peers SET role='architect' WHERE id=?", (target["id"],))
-            self.db.execute("UPDATE rooms SET seat=? WHERE id=?", (name if name else SEAT_REVOKED, room_id))
+            self.db.execute("UPDATE rooms SET seat_peer=? WHERE id=?",
+                            (target["id"] if target is not None else SEAT_REVOKED, room_id))
             self._event(room_id, now, "architect_seat", "operator", f"handed to {name}" if name else "revoked")
             self._changed()
         return {"architect": name}
@@ -1117,7 +1171,7 @@ class Store:
         view = {"version": self.version, "now": round(now, 3), "lease_seconds": self.settings.lease_seconds}
         architect = self._architect(room_id, now)
         view["room"] = {"id": room_id, "name": room["name"], "root": room["root"], "state": room["state"],
-                        "archived": room["archived_at"] is not None, "seat": room["seat"],
+                        "archived": room["archived_at"] is not None, "seat": self.seat_holder(room),
                         "architect": architect["name"] if architect else None}
         peers = self.db.execute("SELECT * FROM peers WHERE room_id=? AND status != 'left' ORDER BY id LIMIT 500",
                                 (room_id,)).fetchall()

@@ -762,8 +762,8 @@ class RetentionTest(unittest.TestCase):
         store = broker.Store(os.path.join(folder, "broker.db"), settings)
         try:
             now = time.time()
-            store.join("keeper", None, "", None, "name:r", "r", None, now)
-            reader = store.join("reader", None, "", None, "name:r", "r", None, now)
+            store.join("keeper", None, "", None, "name:r", "r", broker.JoinCaller(), now)
+            reader = store.join("reader", None, "", None, "name:r", "r", broker.JoinCaller(), now)
             operator = broker.Actor("operator", room_id=reader["room_id"])
             for i in range(300):
                 store.send(operator, "reader", f"m{i}", "info", None, now)

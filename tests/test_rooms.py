@@ -210,7 +210,7 @@ class MigrationTest(unittest.TestCase):
         unread = old.execute("SELECT COUNT(*) FROM deliveries WHERE acked=0").fetchone()[0]
         old.close()
         db = store.open_database(db_path)        # the migration alone, before the broker reaps old leases
-        self.assertEqual(db.execute("PRAGMA user_version").fetchone()[0], 2)
+        self.assertEqual(db.execute("PRAGMA user_version").fetchone()[0], store.SCHEMA_VERSION)
         for table, count in counts.items():
             scope = "1" if table == "deliveries" else "room_id=1"
             self.assertEqual(db.execute(f"SELECT COUNT(*) FROM {table} WHERE {scope}").fetchone()[0], count, table)
@@ -230,6 +230,29 @@ class MigrationTest(unittest.TestCase):
                              {"Design the schema", "Build the API", "Write tests"})
         finally:
             broker.cleanup()
+
+    def test_a_v2_seat_held_by_a_name_passes_to_that_peer(self):
+        folder = tempfile.mkdtemp(prefix="ctl-v2-")
+        path = os.path.join(folder, "broker.db")
+        try:
+            db = store.open_database(path)
+            for room, name in ((1, "one"), (2, "two"), (3, "three")):
+                db.execute("INSERT INTO rooms(id, key, name, created_at) VALUES(?,?,?,0)", (room, f"name:{name}", name))
+            db.execute("INSERT INTO peers(id, room_id, name, role, generation, status, joined_at, last_seen) "
+                       "VALUES(7, 1, 'lead', 'architect', 1, 'dead', 0, 0)")
+            db.execute("ALTER TABLE rooms ADD COLUMN seat TEXT")
+            db.execute("UPDATE rooms SET seat = CASE id WHEN 1 THEN 'lead' WHEN 2 THEN '' END")
+            db.execute("ALTER TABLE rooms DROP COLUMN seat_peer")
+            db.execute("ALTER TABLE peers DROP COLUMN agent")
+            db.execute("PRAGMA user_version=2")
+            db.close()
+            db = store.open_database(path)
+            self.assertEqual([tuple(r) for r in db.execute("SELECT id, seat_peer FROM rooms ORDER BY id")],
+                             [(1, 7), (2, 0), (3, None)], "held, revoked, never had")
+            self.assertIn("agent", [r[1] for r in db.execute("PRAGMA table_info(peers)")])
+            db.close()
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
 
     def test_a_newer_schema_is_refused_with_a_clear_message(self):
         broker = BrokerProcess()
