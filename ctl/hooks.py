@@ -243,9 +243,16 @@ EVENTS = {"PreToolUse": pre_tool_use, "Stop": stop, "SessionStart": session_star
 
 
 def find_peer(state_dir: str, wait: float):
+    """This session's peer; a session that has not joined yet (it joins on first use) is asked to, now."""
     deadline = time.monotonic() + wait
     while True:
         binding = identity.find_binding(state_dir)
+        if binding is not None and not binding.get("token"):
+            answer = identity.ask_to_join(binding)
+            binding = identity.find_binding(state_dir)
+            if not (binding and binding.get("token")):
+                print(f"ctl hook: the session could not join ({answer})", file=sys.stderr)
+                return None
         if binding is not None or time.monotonic() >= deadline:
             return Peer(state_dir, binding) if binding else None
         time.sleep(0.1)

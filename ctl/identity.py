@@ -11,6 +11,7 @@ import json
 import os
 import re
 import secrets
+import socket
 
 from ctl.common import StateError, check_private_file
 
@@ -95,6 +96,39 @@ def write_binding(state_dir: str, data: dict) -> str:
     write_private(path, {**data, "agent_pid": parent, "agent_start": info[1] if info else None,
                           "server_pid": os.getpid()})
     return path
+
+
+def join_socket_path(state_dir: str) -> str:
+    return os.path.join(state_dir, "sessions", f"{os.getppid()}.sock")
+
+
+def listen_private(path: str):
+    """A Unix socket only this user can reach (0600, in a 0700 folder), or None where there are none."""
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    remove_quietly(path)
+    try:
+        listener = socket.socket(socket.AF_UNIX)
+        old_mask = os.umask(0o177)
+        try:
+            listener.bind(path)
+        finally:
+            os.umask(old_mask)
+        listener.listen(8)
+        return listener
+    except (OSError, AttributeError):
+        return None
+
+
+def ask_to_join(binding: dict, timeout: float = 9.0) -> str:
+    """Ask the session's MCP server to join now (it may have to start the broker): its one-line answer."""
+    try:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(timeout)
+            sock.connect(binding["join_socket"])
+            sock.sendall(b"join\n")
+            return sock.makefile("rb").readline().decode(errors="replace").strip()
+    except (OSError, KeyError, TypeError):
+        return "failed: the session's MCP server did not answer"
 
 
 def find_binding(state_dir: str, pid: int = None):

@@ -75,7 +75,9 @@ class Session:
         self.joined_once = False
         self.push_enabled = False
         self.client_name = None     # from initialize's clientInfo
+        self.join_socket = None     # where this session's hooks ask it to join
         self.binding = None
+        self.joined = threading.Event()     # set once this session has a token
         self.lock = threading.RLock()
         self.local = threading.local()
         self.stopping = threading.Event()
@@ -146,8 +148,56 @@ class Session:
     def adopt_token(self, token: str) -> None:
         with self.lock:
             self.token = token
-            self.binding = identity.write_binding(self.state_dir, {
-                "port": self.port, "token": self.token, "name": self.name, "room": self.room_name, "root": self.root})
+            self.write_binding()
+            self.joined.set()
+
+    def write_binding(self) -> None:
+        """Tell this session's hooks who it is; before the first join, only where to ask for one."""
+        self.binding = identity.write_binding(self.state_dir, {
+            "port": self.port, "token": self.token, "name": self.name, "room": self.room_name, "root": self.root,
+            "join_socket": self.join_socket})
+
+    def offer_join(self) -> None:
+        """Join on first use, not at start: a health check (`claude mcp list`) that never calls a tool or runs a
+        hook leaves no room, no events and no broker behind. The hooks ask for the join through a socket only
+        this user can reach, so the session exists from its first hook, whatever it is."""
+        path = identity.join_socket_path(self.state_dir)
+        listener = identity.listen_private(path)
+        if listener is None:
+            return
+        self.join_socket = path
+        with self.lock:
+            if self.token is None:
+                self.write_binding()
+        threading.Thread(target=self.serve_join_requests, args=(listener,), daemon=True, name="join-socket").start()
+
+    def serve_join_requests(self, listener) -> None:
+        while not self.stopping.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                try:
+                    conn.settimeout(2)
+                    conn.recv(16)
+                    self.ensure_joined()
+                    answer = "joined"
+                except ToolRefusal as refusal:
+                    answer = f"refused: {refusal}"
+                except Exception as exc:
+                    answer = f"failed: {exc!r}"
+                try:
+                    conn.sendall(answer.encode()[:500] + b"\n")
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        """At exit: leave, and take down what told the hooks about this session."""
+        self.leave()
+        for path in (self.binding, self.join_socket):
+            if path:
+                identity.remove_quietly(path)
 
     def _join_request(self, body: dict):
         for attempt in (1, 2):
@@ -737,18 +787,9 @@ class Server:
         return isinstance(experimental, dict) and "claude/channel" in experimental
 
     def initialized(self, params: dict) -> None:
-        """Join at once, in the background: the edit hooks need this session's identity from its first edit."""
-        threading.Thread(target=self.join_early, daemon=True, name="join").start()
-
-    def join_early(self) -> None:
-        try:
-            self.session.ensure_joined()
-        except ToolRefusal as refusal:
-            log(f"joining at start failed (the first tool call will retry): {refusal}")
-        except Exception as exc:
-            log(f"joining at start failed (the first tool call will retry): {exc!r}")
+        self.session.offer_join()
         if self.session.push_enabled:
-            self.push_forever()
+            threading.Thread(target=self.push_forever, daemon=True, name="push").start()
 
     def cancel(self, params: dict) -> None:
         request_id = params.get("requestId")
@@ -795,6 +836,9 @@ class Server:
         """Channels: each new message goes to the live session, and is acknowledged only once written."""
         session = self.session
         told_stop = False
+        while not session.joined.wait(1):
+            if session.stopping.is_set():
+                return
         while not session.stopping.is_set():
             try:
                 status, batch = session.call("GET", "/inbox?wait=25&limit=20", timeout=40)
@@ -930,7 +974,7 @@ def main(argv=None) -> int:
         pass
     session.stopping.set()
     server.pool.shutdown(wait=False, cancel_futures=True)
-    session.leave()
+    session.close()
     os._exit(0)     # at once: a tool call still waiting on the broker must not hold the exit
 
 

@@ -42,6 +42,29 @@ class HookTestCase(unittest.TestCase):
         return {lock["path"]: lock for lock in self.broker.operator().ok("GET", "/locks")["locks"]}
 
 
+def read_bytes(path: str) -> bytes:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except OSError:                     # a process that ended while we looked
+        return b""
+
+
+class JoinOnFirstUseTest(HookTestCase):
+    def test_a_hook_makes_a_session_that_called_no_tool_join(self):
+        session = McpSession(self.broker, self.project, name="quiet", agent=True)
+        self.sessions.append(session)
+        session.initialize()
+        session.request("tools/list")
+        self.assertEqual(self.broker.operator().ok("GET", "/rooms")["rooms"], [], "no room before first use")
+        code, out, _ = session.hook("SessionStart")
+        self.assertEqual(code, 0)
+        self.assertIn("you are quiet (worker)", out["hookSpecificOutput"]["additionalContext"])
+        self.assertEqual([p["name"] for p in self.broker.operator().ok("GET", "/peers")["peers"]], ["quiet"])
+        self.assertIn("Joined room", session.call("join", {})["content"][0]["text"], "the tools use that same join")
+        self.assertEqual([p["name"] for p in self.broker.operator().ok("GET", "/peers")["peers"]], ["quiet"])
+
+
 class PreToolUseTest(HookTestCase):
     def test_locks_hold_and_free_paths_are_taken(self):
         alice, bob = self.agent("alice"), self.agent("bob")
@@ -99,9 +122,9 @@ class PreToolUseTest(HookTestCase):
         self.agent("alice")
         for name in os.listdir(binding_dir):
             self.assertEqual(os.stat(os.path.join(binding_dir, name)).st_mode & 0o777, 0o600)
-        proc_lines = [open(f"/proc/{pid}/cmdline", "rb").read() for pid in os.listdir("/proc") if pid.isdigit()
-                      and os.path.exists(f"/proc/{pid}/cmdline")]
-        token = json.load(open(os.path.join(binding_dir, os.listdir(binding_dir)[0])))["token"]
+        proc_lines = [read_bytes(f"/proc/{pid}/cmdline") for pid in os.listdir("/proc") if pid.isdigit()]
+        binding = next(name for name in os.listdir(binding_dir) if name.endswith(".json") and ".memo" not in name)
+        token = json.loads(read_bytes(os.path.join(binding_dir, binding)))["token"]
         self.assertFalse(any(token.encode() in line for line in proc_lines), "no token in any command line")
 
     def test_a_stopped_room_refuses_edits(self):

@@ -69,7 +69,8 @@ class ProtocolTest(McpTestCase):
             session.initialize()
             session.request("tools/list")
             self.assertLess(time.monotonic() - started, 3)
-            with self.assertRaises(OSError):
+            time.sleep(1.5)
+            with self.assertRaises(OSError, msg="a session that calls no tool starts no broker and joins no room"):
                 socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
         finally:
             session.dispose()
