@@ -223,7 +223,7 @@ def r_join(broker, actor, b):
     key = f"name:{b['room']}" if b["room"] else f"root:{b['root']}"
     name = b["room"] or room_name_for(b["root"])
     peer = broker.store.join(b["name"], b["role"], b["summary"], b["root"], key, name,
-                             broker.resumable_peer(b["resume"]), now)
+                             broker.join_caller(b["resume"], b["agent"]), now)
     return {"token": broker.mint(peer, "session"), "watch_token": broker.mint(peer, "watch"),
             "name": peer["name"], "role": peer["role"], "lease_seconds": broker.settings.lease_seconds,
             "room": broker.store.room_state(peer["room_id"]), "room_name": broker.store.room(peer["room_id"])["name"],
@@ -367,7 +367,8 @@ ROUTES = {
         "summary": Field("text", limit=LIMITS["summary"], minimum=0, default=""),
         "root": Field("root", limit=LIMITS["path"]),
         "room": Field("room_name"),
-        "resume": Field("token")}, scoped=False),
+        "resume": Field("token"),
+        "agent": Field("hex")}, scoped=False),
     ("POST", "/leave"): Route(r_leave, PEER, {}),
     ("POST", "/heartbeat"): Route(r_heartbeat, PEER, {
         "summary": Field("text", limit=LIMITS["summary"], minimum=0),

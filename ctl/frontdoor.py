@@ -18,7 +18,7 @@ from ctl.api import JOINING, PUBLIC, ROUTE_METHODS, ROUTES, Flags, Park, Route, 
 from ctl.common import TokenSigner
 from ctl.config import MAX_JSON_DEPTH, PRUNE_EVERY, Settings
 from ctl.errors import ApiError
-from ctl.store import Actor, Store
+from ctl.store import Actor, JoinCaller, Store
 
 
 def log(message: str) -> None:
@@ -279,15 +279,18 @@ class Broker:
                  "closed": ("room_archived", "the human archived this room; stop. A new join starts a fresh room"),
                  "left": ("left", "you left the room; join again")}
 
-    def resumable_peer(self, token):
-        """A join may resume only with the peer's current, unexpired session token."""
+    def join_caller(self, token, agent) -> JoinCaller:
+        """A join resumes only with the peer's current, unexpired session token; any genuine token it shows
+        still says who it was (a kicked session stays out under any name)."""
         if not token:
-            return None
+            return JoinCaller(agent=agent)
+        claims = self.signer.claims(token)
         try:
             peer, scope, _ = self._current_peer(token)
         except ApiError:
-            return None
-        return peer["id"] if scope == "session" else None
+            peer = None
+        resumed = peer["id"] if peer is not None and scope == "session" else None
+        return JoinCaller(resumed, claims[0] if claims else None, agent)
 
     def handle(self, req: Request):
         """Return (status, body, extra headers) or a Park; never raise."""
