@@ -1,19 +1,18 @@
 #!/usr/bin/env python3
 """Start the Control Tower Lite broker in the background and open the dashboard.
 
-    python3 launch.py               start the broker if needed, print and open the dashboard URL
-    python3 launch.py --no-browser  same, without opening a browser
+    python3 launch.py               start the broker if needed and open the dashboard
+    python3 launch.py --no-browser  same, printing a one-time dashboard link instead of opening a browser
     python3 launch.py --status      the room at a glance
-    python3 launch.py --observer    print a read-only dashboard URL
+    python3 launch.py --observer    print a one-time read-only dashboard link
     python3 launch.py --stop        stop the broker this state directory runs
     python3 launch.py --foreground  run the broker attached, for debugging
     python3 launch.py --help        every operation: --archive-room, --backup, --restore, --export, --doctor, ...
 
-The dashboard URL carries the operator token in its fragment (after '#'), which browsers never
-send to a server, so it reaches no log.
+No token is ever put in a URL, since browsers keep every URL they visit: a dashboard link carries a one-time
+code that the page trades for its token once (ctl/dashboard.py), and that is worthless once used or expired.
 """
 import argparse
-import html
 import os
 import signal
 import sys
@@ -45,8 +44,21 @@ def start(port: int, state_dir: str) -> None:
     print(f"Broker started on port {port} (pid {recorded_pid(state_dir)}, log {os.path.join(state_dir, 'broker.log')}).")
 
 
-def dashboard_url(port: int, token: str) -> str:
-    return f"http://{common.HOST}:{port}/#token={token}"
+def dashboard_link(port: int, state_dir: str, token_file: str, via: str = "link") -> dict:
+    """A one-time link from the broker, for the access the token file gives; via "file", the broker also
+    writes the 0600 handoff file a browser can be pointed at."""
+    key = common.read_secret(state_dir, common.HMAC_KEY_FILE)
+    client = BrokerClient(port, token=common.read_secret(state_dir, token_file), verify_key=key)
+    try:
+        return client_ok(client, "POST", "/link", {"via": via})
+    finally:
+        client.close()
+
+
+def print_link(port: int, state_dir: str, token_file: str, what: str) -> None:
+    link = dashboard_link(port, state_dir, token_file)
+    print(f"{what}: {link['url']}\n  (a one-time link: it works once, within {link['expires_in'] // 60} minutes; "
+          "this command prints a fresh one)")
 
 
 def stop(port: int, state_dir: str) -> int:
@@ -118,17 +130,10 @@ def client_ok(client: BrokerClient, method: str, path: str, body=None) -> dict:
     return data
 
 
-def open_dashboard(port: int, state_dir: str, url: str) -> bool:
-    """Open the browser on a 0600 redirect file, as Jupyter does, so the token never sits in a command
-    line that every local user can read in /proc."""
-    path = os.path.join(state_dir, "open-dashboard.html")
-    page = (f'<!doctype html><meta charset="utf-8"><meta http-equiv="refresh" content="0;url={html.escape(url)}">'
-            f'<title>Control Tower Lite</title><a href="{html.escape(url)}">Open the dashboard</a>\n')
-    fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(page)
-    os.replace(path + ".tmp", path)
-    return webbrowser.open(f"file://{path}")
+def open_dashboard(port: int, state_dir: str) -> bool:
+    """Point the browser at the broker's 0600 handoff file, so even the one-time code is in no command line
+    that another local user could read in /proc and use first."""
+    return webbrowser.open(f"file://{dashboard_link(port, state_dir, common.OPERATOR_TOKEN_FILE, 'file')['file']}")
 
 
 def registered_anywhere() -> list:
@@ -138,10 +143,11 @@ def registered_anywhere() -> list:
 
 def launch(port: int, state_dir: str, args) -> int:
     start(port, state_dir)
-    url = dashboard_url(port, common.read_secret(state_dir, common.OPERATOR_TOKEN_FILE))
-    print(f"Dashboard (operator; keep this URL private): {url}")
-    if not args.no_browser and not open_dashboard(port, state_dir, url):
-        print("Could not open a browser; paste the URL into one.")
+    if not args.no_browser and open_dashboard(port, state_dir):
+        print(f"Dashboard opened in your browser. Another browser: {user_command('launch')} --no-browser "
+              "prints a one-time link.")
+    else:
+        print_link(port, state_dir, common.OPERATOR_TOKEN_FILE, "Dashboard (operator; keep the link private)")
     found = registered_anywhere()
     if not found:
         print("\n!! No agent will talk to this broker yet: the MCP server is not registered with Claude Code."
@@ -156,7 +162,7 @@ def launch(port: int, state_dir: str, args) -> int:
 
 def observer(port: int, state_dir: str, args) -> int:
     start(port, state_dir)
-    print(f"Read-only dashboard: {dashboard_url(port, common.read_secret(state_dir, common.OBSERVER_TOKEN_FILE))}")
+    print_link(port, state_dir, common.OBSERVER_TOKEN_FILE, "Read-only dashboard")
     return 0
 
 
@@ -184,10 +190,10 @@ def rotate_tokens(port: int, state_dir: str, args) -> int:
         stop(port, state_dir)
     for name in (common.OPERATOR_TOKEN_FILE, common.OBSERVER_TOKEN_FILE):
         common.write_secret(state_dir, name)
-    print("New operator and observer tokens written; old dashboard URLs no longer work.")
+    print("New operator and observer tokens written; open dashboards must be opened again.")
     if running:
         start(port, state_dir)
-        print(f"Dashboard: {dashboard_url(port, common.read_secret(state_dir, common.OPERATOR_TOKEN_FILE))}")
+        print_link(port, state_dir, common.OPERATOR_TOKEN_FILE, "Dashboard")
     return 0
 
 
@@ -207,7 +213,7 @@ ACTIONS = {   # option -> (what it does, handler(port, state_dir, args))
     "status": ("print every open room at a glance", lambda port, state_dir, args: status(port, state_dir)),
     "stop": ("stop the broker", lambda port, state_dir, args: stop(port, state_dir)),
     "foreground": ("run the broker attached to this terminal", foreground),
-    "observer": ("print a read-only dashboard URL", observer),
+    "observer": ("print a one-time read-only dashboard link", observer),
     "archive_room": ("archive the open room NAME: its history stays readable, the project starts fresh", archive_room),
     "backup": ("write an online, consistent copy of the database to FILE (0600)",
                lambda port, state_dir, args: print(operations.backup(state_dir, args.backup))),

@@ -201,7 +201,12 @@ class LaunchTest(unittest.TestCase):
             with open(f"/proc/{pid}/cmdline", "rb") as handle:
                 self.assertIn(b"broker.py", handle.read(), "the printed pid is the running broker's")
             token = broker.secret("operator.token")
-            self.assertIn(f"/#token={token}", first.stdout)
+            self.assertNotIn(token, first.stdout, "the printed link carries a one-time code, never the token")
+            code = re.search(r"http://127\.0\.0\.1:\d+/#code=([A-Za-z0-9_-]+)", first.stdout).group(1)
+            self.assertEqual(broker.request("POST", "/link/redeem", {"code": code}),
+                             (200, {"token": token, "viewer": "operator"}))
+            status, refused = broker.request("POST", "/link/redeem", {"code": code})
+            self.assertEqual((status, refused["error"]["code"]), (401, "link_used"), "a link works once")
             self.assertTrue(os.path.exists(os.path.join(broker.state_dir, "broker.log")))
             second = launch("--no-browser")
             self.assertIn("already running", second.stdout)
@@ -218,6 +223,80 @@ class LaunchTest(unittest.TestCase):
             self.assertIn("No broker", launch("--stop").stdout)
         finally:
             broker.cleanup()
+
+
+class DashboardHandoffTest(unittest.TestCase):
+    """launch.py hands the browser a 0600 file holding a one-time code: no token in any URL or command line."""
+
+    def setUp(self):
+        self.broker = BrokerProcess().start()
+        self.record = os.path.join(self.broker.tmp, "browser-argv")
+        fake = os.path.join(self.broker.tmp, "fake-browser")
+        with open(fake, "w") as handle:
+            handle.write(f"#!/bin/sh\necho \"$@\" > {self.record}\n")
+        os.chmod(fake, 0o755)
+        self.env = {**self.broker.env, "BROWSER": fake, "HOME": self.broker.tmp}
+
+    def tearDown(self):
+        self.broker.cleanup()
+
+    def open_browser(self) -> str:
+        out = subprocess.run([sys.executable, LAUNCH], env=self.env, capture_output=True, text=True, timeout=60)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertIn("opened in your browser", out.stdout)
+        with open(self.record) as handle:
+            argv = handle.read().strip()
+        self.assertNotIn("code=", argv)
+        return argv.removeprefix("file://")
+
+    def test_the_handoff_file_holds_a_one_time_code_and_goes_once_it_is_used(self):
+        page = self.open_browser()
+        self.assertEqual(stat.S_IMODE(os.stat(page).st_mode), 0o600)
+        with open(page) as handle:
+            text = handle.read()
+        for name in ("operator.token", "observer.token", "join.secret", "hmac.key"):
+            self.assertNotIn(self.broker.secret(name), text)
+        code = re.search(r"#code=([A-Za-z0-9_-]+)", text).group(1)
+        status, data = self.broker.request("POST", "/link/redeem", {"code": code})
+        self.assertEqual((status, data), (200, {"token": self.broker.secret("operator.token"), "viewer": "operator"}))
+        self.assertFalse(os.path.exists(page), "the handoff file is deleted when its code is used")
+        self.assertEqual(self.broker.request("POST", "/link/redeem", {"code": code})[0], 401)
+
+    def test_a_newer_handoff_file_replaces_an_older_one(self):
+        first = self.open_browser()
+        with open(first) as handle:
+            old_code = re.search(r"#code=([A-Za-z0-9_-]+)", handle.read()).group(1)
+        self.assertEqual(self.open_browser(), first)
+        with open(first) as handle:
+            self.assertNotIn(old_code, handle.read(), "the file holds only the newest code")
+        self.assertEqual(self.broker.request("POST", "/link/redeem", {"code": old_code})[0], 200,
+                         "an older, unexpired link still works once")
+        self.assertTrue(os.path.exists(first), "redeeming an older code leaves the newer file alone")
+
+    def test_an_observer_link_gives_the_observer_token_and_codes_are_not_guessable_by_shape(self):
+        out = subprocess.run([sys.executable, LAUNCH, "--observer"], env=self.env, capture_output=True, text=True,
+                             timeout=60)
+        code = re.search(r"#code=([A-Za-z0-9_-]+)", out.stdout).group(1)
+        self.assertGreaterEqual(len(code), 32)
+        self.assertNotIn(self.broker.secret("observer.token"), out.stdout)
+        status, data = self.broker.request("POST", "/link/redeem", {"code": code})
+        self.assertEqual((status, data["viewer"], data["token"]), (200, "observer", self.broker.secret("observer.token")))
+        for bad in ("", "x" * 600, 7, None):
+            self.assertEqual(self.broker.request("POST", "/link/redeem", {"code": bad})[0] // 100, 4, repr(bad))
+
+    def test_a_top_level_visit_from_another_site_gets_the_page_and_nothing_else(self):
+        def get(path, **fetch):
+            head = "".join(f"Sec-Fetch-{k.title()}: {v}\r\n" for k, v in fetch.items())
+            answer = self.broker.raw(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{self.broker.port}\r\n{head}"
+                                     "Connection: close\r\n\r\n".encode())
+            return int(answer.split(b" ", 2)[1])
+
+        visit = {"site": "cross-site", "mode": "navigate", "dest": "document"}
+        self.assertEqual(get("/", **visit), 200, "a handoff file's navigation (cross-site in Chromium) is served")
+        self.assertEqual(get("/", site="cross-site", mode="no-cors", dest="image"), 403)
+        self.assertEqual(get("/", site="cross-site", mode="navigate", dest="iframe"), 403, "never framed")
+        self.assertEqual(get("/rooms", **visit), 403, "API calls stay same-origin only")
+        self.assertEqual(get("/health", **visit), 403)
 
 
 class LaunchTellsTheTruthTest(unittest.TestCase):

@@ -1,9 +1,14 @@
 """The dashboard in a real headless Chromium (Debian's /usr/bin/chromium, driven by Playwright).
 
-Run by .ci/dashboard.sh in a throwaway virtual environment; seeds a room on its own broker,
-checks what a human would see, clicks Pause, and saves a screenshot to artifacts/dashboard.png.
+Run by .ci/dashboard.sh in a throwaway virtual environment; seeds rooms on its own broker, opens the dashboard
+the way launch.py does (its handoff file, in a browser profile of its own), checks what a human would see,
+clicks Pause, saves screenshots to artifacts/, and at the end searches the whole profile for the tokens.
 """
 import os
+import re
+import shutil
+import stat
+import subprocess
 import sys
 import tempfile
 
@@ -45,10 +50,112 @@ def seed(broker):
     return root
 
 
+def run_dashboard_checks(page, broker, rooms, shop, elsewhere, artifacts, problems):
+    """What the operator sees and does: the overview, one room, and Pause."""
+    overview = page.locator("#rooms").inner_text()
+    check(len(rooms) == 2 and all(name in overview for name in rooms), "the overview lists both rooms")
+    check("1/4" in page.locator(f"#rooms tr[data-room='{shop}']").inner_text(), "with tasks done of total")
+    check(page.locator("#viewer").inner_text() == "operator", "the operator is named as such")
+    page.screenshot(path=os.path.join(artifacts, "dashboard-rooms.png"), full_page=True)
+    page.locator(f"#rooms tr[data-room='{shop}'] a").click()
+    page.wait_for_selector("tr[data-peer='tester']", timeout=10_000)
+    check(page.url.endswith(f"#room={shop}"), "the URL names the room")
+    names = page.locator("#peers tr").all_inner_texts()
+    check(all(any(n in row for row in names) for n in ("planner", "builder", "tester")), "all three peers shown")
+    check(not any("solo" in row for row in names), "another room's peer is not shown")
+    statuses = {t: page.locator(f".card[data-task] >> text={t}").count() for t in ("Design the schema", "End-to-end tests")}
+    check(all(statuses.values()), "the tasks appear in the graph")
+    for status in ("done", "claimed", "ready", "blocked"):
+        check(page.locator(f".card.st-{status}").count() >= 1, f"a {status} task is shown as {status}")
+    check("waiting on" in page.locator(".card.st-blocked").first.inner_text(), "blocked tasks say what they wait on")
+    blocker = page.locator(".msg.blocker")
+    check(blocker.count() == 1 and "fixtures missing" in blocker.inner_text(), "the blocker is highlighted")
+    builder_row = page.locator("tr[data-peer='builder']")
+    check(MARKUP in builder_row.inner_text(), "markup in a peer summary is shown as text")
+    check(builder_row.locator("b, img").count() == 0 and page.title() == "Control Tower Lite",
+          "markup in a peer summary is not rendered or run")
+    check("api/orders.py" in page.locator("#locks").inner_text(), "the lock is listed")
+    check(page.locator("#blockers").is_visible() and page.locator("label[for=filter]").inner_text() == "Show messages of",
+          "the filter is labelled and the blocker pill shows only with blockers")
+    page.screenshot(path=os.path.join(artifacts, "dashboard.png"), full_page=True)
+    pause = page.get_by_role("button", name="Pause").element_handle()
+    seen_before = page.locator("tr[data-peer='tester'] td:nth-child(4)").inner_text()
+    page.wait_for_timeout(2500)
+    check(pause.evaluate("button => button.isConnected"), "buttons survive polls (no click lost to a redraw)")
+    check(page.locator("tr[data-peer='tester'] td:nth-child(4)").inner_text() != seen_before, "last seen keeps ticking")
+    page.get_by_role("button", name="Pause").click()
+    page.wait_for_selector("#roomstate.st-paused", timeout=5_000)
+    check("PAUSED" in page.locator("#roomstate").inner_text(), "a paused room is unmistakable: a banner")
+    state = broker.operator(shop).ok("GET", "/state")
+    check(state["room"]["state"] == "paused", "clicking Pause pauses that room's broker state")
+    check(broker.operator(elsewhere).ok("GET", "/state")["room"]["state"] == "running", "and not the other room")
+    broker.join("late", root=state["room"]["root"]).send("planner", "sent while paused")
+    page.wait_for_selector(".msg.held", timeout=5_000)
+    check("held until resumed" in page.locator(".msg.held").first.inner_text(), "held messages are marked held")
+    page.screenshot(path=os.path.join(artifacts, "dashboard-paused.png"), full_page=True)
+
+
+def check_from_disk(context, broker, artifacts):
+    """dashboard.html opened straight from the checkout (file://): it cannot reach the API, and says how to open it."""
+    local = context.new_page()
+    local.goto("file://" + os.path.join(ROOT, "dashboard.html"))
+    check("launch.py" in local.locator("#gate").inner_text(), "opened from disk, it says how to open it")
+    local.close()
+
+
+def launch(broker, *args, browser=None):
+    """launch.py as a person runs it, on this check's broker; a fake BROWSER records what it was asked to open."""
+    env = {**broker.env, "HOME": broker.tmp, **({"BROWSER": browser} if browser else {})}
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "launch.py"), *args], env=env, capture_output=True,
+                            text=True, timeout=60)
+    if result.returncode != 0:
+        raise SystemExit(f"FAILED: launch.py {' '.join(args)}: {result.stderr}")
+    return result.stdout
+
+
+def handed_file(broker):
+    """What launch.py hands the browser: a file:// URL of its 0600 handoff file, with no secret in the argv."""
+    record, fake = os.path.join(broker.tmp, "browser-argv"), os.path.join(broker.tmp, "fake-browser")
+    with open(fake, "w") as handle:
+        handle.write(f'#!/bin/sh\necho "$@" > {record}\n')
+    os.chmod(fake, 0o755)
+    out = launch(broker, browser=fake)
+    check("opened in your browser" in out and "#code=" not in out, "launch.py opens the browser and prints no code")
+    with open(record) as handle:
+        url = handle.read().strip()
+    path = url.removeprefix("file://")
+    with open(path) as handle:
+        page = handle.read()
+    check(stat.S_IMODE(os.stat(path).st_mode) == 0o600 and "#code=" in page, "the handoff file is 0600 and holds a code")
+    check(not any(broker.secret(name) in url + page for name in ("operator.token", "observer.token")),
+          "no token in the browser's argv or the handoff file")
+    return url, path, re.search(r"#code=([A-Za-z0-9_-]+)", page).group(1)
+
+
+def one_time_link(output):
+    return re.search(r"http://\S+#code=\S+", output).group(0)
+
+
+def profile_leaks(profile, secrets):
+    """Every file of the browser profile that holds a secret, as ASCII or as UTF-16 (DOM storage)."""
+    found = []
+    for folder, _, files in os.walk(profile):
+        for name in files:
+            try:
+                with open(os.path.join(folder, name), "rb") as handle:
+                    data = handle.read()
+            except OSError:
+                continue
+            found += [os.path.relpath(os.path.join(folder, name), profile) for s in secrets
+                      if s.encode() in data or s.encode("utf-16-le") in data]
+    return found
+
+
 def main():
     broker = BrokerProcess(env={"CTL_RATE_LIMIT": "1000"}).start()
     artifacts = os.path.join(ROOT, "artifacts")
     os.makedirs(artifacts, exist_ok=True)
+    profile = tempfile.mkdtemp(prefix="ctl-chromium-profile-")
     try:
         seed(broker)
         other = tempfile.mkdtemp(prefix="ctl-dash-other-")
@@ -56,87 +163,64 @@ def main():
         rooms = {r["name"]: r["id"] for r in broker.rooms()}
         shop = next(room for name, room in rooms.items() if "other" not in name)
         elsewhere = next(room for name, room in rooms.items() if "other" in name)
-        operator = broker.secret("operator.token")
-        base = f"http://127.0.0.1:{broker.port}/"
+        secrets = [broker.secret("operator.token"), broker.secret("observer.token")]
+        handoff_url, handoff_path, code = handed_file(broker)
         with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_FLAGS)
-            page = browser.new_page(viewport={"width": 1440, "height": 1000})
+            context = pw.chromium.launch_persistent_context(profile, executable_path="/usr/bin/chromium",
+                                                            args=CHROMIUM_FLAGS, viewport={"width": 1440, "height": 1000})
+            page = context.new_page()
             problems = []
             page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
             page.on("dialog", lambda d: (problems.append(f"dialog: {d.message}"), d.dismiss()))
-            response = page.goto(f"{base}#token={operator}")
-            csp = response.headers.get("content-security-policy", "")
+            with page.expect_response(lambda r: r.url.startswith(f"http://127.0.0.1:{broker.port}/#")
+                                      or r.url == f"http://127.0.0.1:{broker.port}/") as served:
+                page.goto(handoff_url)
+            csp = served.value.headers.get("content-security-policy", "")
             check("default-src 'none'" in csp and "unsafe-inline" not in csp, "served with a strict CSP")
             page.wait_for_selector("#rooms tr[data-room]", timeout=10_000)
-            check("token" not in page.url, "the token is dropped from the address bar")
-            overview = page.locator("#rooms").inner_text()
-            check(len(rooms) == 2 and all(name in overview for name in rooms), "the overview lists both rooms")
-            check("1/4" in page.locator(f"#rooms tr[data-room='{shop}']").inner_text(), "with tasks done of total")
-            check(page.locator("#viewer").inner_text() == "operator", "the operator is named as such")
-            page.screenshot(path=os.path.join(artifacts, "dashboard-rooms.png"), full_page=True)
-            page.locator(f"#rooms tr[data-room='{shop}'] a").click()
-            page.wait_for_selector("tr[data-peer='tester']", timeout=10_000)
-            check(page.url.endswith(f"#room={shop}"), "the URL names the room")
-            names = page.locator("#peers tr").all_inner_texts()
-            check(all(any(n in row for row in names) for n in ("planner", "builder", "tester")), "all three peers shown")
-            check(not any("solo" in row for row in names), "another room's peer is not shown")
-            statuses = {t: page.locator(f".card[data-task] >> text={t}").count() for t in ("Design the schema", "End-to-end tests")}
-            check(all(statuses.values()), "the tasks appear in the graph")
-            for status in ("done", "claimed", "ready", "blocked"):
-                check(page.locator(f".card.st-{status}").count() >= 1, f"a {status} task is shown as {status}")
-            check("waiting on" in page.locator(".card.st-blocked").first.inner_text(), "blocked tasks say what they wait on")
-            blocker = page.locator(".msg.blocker")
-            check(blocker.count() == 1 and "fixtures missing" in blocker.inner_text(), "the blocker is highlighted")
-            builder_row = page.locator("tr[data-peer='builder']")
-            check(MARKUP in builder_row.inner_text(), "markup in a peer summary is shown as text")
-            check(builder_row.locator("b, img").count() == 0 and page.title() == "Control Tower Lite",
-                  "markup in a peer summary is not rendered or run")
-            check("api/orders.py" in page.locator("#locks").inner_text(), "the lock is listed")
-            check(page.locator("#blockers").is_visible() and page.locator("label[for=filter]").inner_text() == "Show messages of",
-                  "the filter is labelled and the blocker pill shows only with blockers")
-            page.screenshot(path=os.path.join(artifacts, "dashboard.png"), full_page=True)
-            pause = page.get_by_role("button", name="Pause").element_handle()
-            seen_before = page.locator("tr[data-peer='tester'] td:nth-child(4)").inner_text()
-            page.wait_for_timeout(2500)
-            check(pause.evaluate("button => button.isConnected"), "buttons survive polls (no click lost to a redraw)")
-            check(page.locator("tr[data-peer='tester'] td:nth-child(4)").inner_text() != seen_before, "last seen keeps ticking")
-            page.get_by_role("button", name="Pause").click()
-            page.wait_for_selector("#roomstate.st-paused", timeout=5_000)
-            check("PAUSED" in page.locator("#roomstate").inner_text(), "a paused room is unmistakable: a banner")
-            state = broker.operator(shop).ok("GET", "/state")
-            check(state["room"]["state"] == "paused", "clicking Pause pauses that room's broker state")
-            check(broker.operator(elsewhere).ok("GET", "/state")["room"]["state"] == "running", "and not the other room")
-            broker.join("late", root=state["room"]["root"]).send("planner", "sent while paused")
-            page.wait_for_selector(".msg.held", timeout=5_000)
-            check("held until resumed" in page.locator(".msg.held").first.inner_text(), "held messages are marked held")
-            page.screenshot(path=os.path.join(artifacts, "dashboard-paused.png"), full_page=True)
-            check(not problems, f"no console errors or dialogs ({problems})")
-            observer = browser.new_page()
-            observer.goto(f"{base}#token={broker.secret('observer.token')}&room={shop}")
+            check("code=" not in page.url, "the one-time code is dropped from the address bar")
+            check(not os.path.exists(handoff_path), "the handoff file is gone once its link is used")
+            again = context.new_page()
+            again.goto(f"http://127.0.0.1:{broker.port}/#code={code}")
+            again.wait_for_selector("#gate:not([hidden])", timeout=10_000)
+            check("already used" in again.locator("#gate").inner_text().lower(), "the same link cannot be used twice")
+            again.close()
+            run_dashboard_checks(page, broker, rooms, shop, elsewhere, artifacts, problems)
+            observer = context.new_page()
+            observer.goto(one_time_link(launch(broker, "--observer")) + f"&room={shop}")
             observer.wait_for_selector("tr[data-peer='tester']", timeout=10_000)
             check(observer.locator("#controls button").count() == 0 and observer.locator("#inject").is_hidden()
                   and observer.locator("#peers button, #locks button, #graph button").count() == 0,
                   "an observer sees no controls at all")
             observer.screenshot(path=os.path.join(artifacts, "dashboard-observer.png"), full_page=True)
-            stranger = browser.new_page()
-            stranger.goto(f"{base}#token=not-a-real-token")
+            observer.reload()
+            observer.wait_for_selector("#gate:not([hidden])", timeout=10_000)
+            check("fresh link" in observer.locator("#gate").inner_text().lower() and observer.locator("#app").is_hidden(),
+                  "a reload holds no access and says how to get a fresh link")
+            stranger = context.new_page()
+            stranger.goto(f"http://127.0.0.1:{broker.port}/#code=not-a-real-code")
             stranger.wait_for_selector("#gate:not([hidden])", timeout=10_000)
             text = stranger.locator("#gate").inner_text().lower()
-            check("no longer works" in text and "launch.py" in text and "rejoin" not in text
-                  and stranger.locator("#app").is_hidden(), "a bad token gets a clear page for a person")
-            stranger.screenshot(path=os.path.join(artifacts, "dashboard-bad-token.png"))
-            local = browser.new_page()
-            local.goto("file://" + os.path.join(ROOT, "ctl", "dashboard.html"))
-            check("launch.py" in local.locator("#gate").inner_text(), "opened from disk, it says how to open it")
+            check("already used or has expired" in text and "launch.py" in text and "rejoin" not in text
+                  and stranger.locator("#app").is_hidden(), "a bad link gets a clear page for a person")
+            stranger.screenshot(path=os.path.join(artifacts, "dashboard-bad-link.png"))
+            check_from_disk(context, broker, artifacts)
+            check(not problems, f"no console errors or dialogs ({problems})")
             broker.stop()
             page.wait_for_selector("#banner.show", timeout=10_000)
             check("not answering" in page.locator("#banner").inner_text(), "an unreachable broker is shown")
             broker.start()
             page.wait_for_selector("#banner:not(.show)", state="attached", timeout=10_000)
             check(True, "the page recovers by itself when the broker is back")
-            browser.close()
+            context.close()
+        history = os.path.join(profile, "Default", "History")
+        with open(history, "rb") as handle:
+            check(f"127.0.0.1:{broker.port}".encode() in handle.read(), "Chromium recorded the visits in its History")
+        leaks = profile_leaks(profile, secrets)
+        check(not leaks, f"no token anywhere in the browser profile (History, Sessions, storage, cache){leaks or ''}")
     finally:
         broker.cleanup()
+        shutil.rmtree(profile, ignore_errors=True)
     print(f"Dashboard browser check: 1 passed, 0 failed (screenshots in {artifacts})")
 
 
