@@ -124,7 +124,8 @@ def guard(path: str, tool: str, peer: Peer) -> bool:
 # ---------------------------------------------------------------- Stop: messages that arrive
 
 
-ROOM_NOTICE = {"stopped": "STOP: the human stopped the room. Report where you are in one message, then wait.",
+ROOM_NOTICE = {"stopped": "STOP: the human stopped the room. Stop working: say in your reply where you are, then wait "
+                          "for the human (tools that change anything are refused until the human resets the room).",
                "paused": "PAUSED: the human paused the room; messages between agents are held until it resumes."}
 
 
@@ -158,9 +159,13 @@ def stop(event: dict, peer: Peer) -> None:
 
 
 def claim_reminder(peer: Peer):
-    """A worker holding nothing while tasks are ready is told once."""
+    """A worker holding nothing while tasks are ready is told once; the architect plans, and is never told."""
     status, ready = peer.call("GET", "/tasks?status=ready")
     if status != 200 or not ready["tasks"]:
+        return None
+    status, peers = peer.call("GET", "/peers")
+    me = next((p for p in peers.get("peers", []) if p["name"] == peer.binding["name"]), None)
+    if status != 200 or me is None or me["role"] != "worker":
         return None
     status, claimed = peer.call("GET", "/tasks?status=claimed")
     mine = [t for t in claimed.get("tasks", []) if t.get("assignee") == peer.binding["name"]]

@@ -61,7 +61,7 @@ class Session:
         self.port, self.state_dir, self.cwd = port, state_dir, cwd
         self.root = identity.project_root(cwd)
         self.room_request = os.environ.get("CTL_ROOM") or None   # a room name shared on purpose, else the root
-        self.name = os.environ.get("CTL_NAME") or identity.default_name(cwd)
+        self.name = os.environ.get("CTL_NAME") or identity.default_name(self.root)    # the project, not a subfolder
         self.wanted_name = self.name            # what the session asked to be called, for telling it what it got
         self.first_role = os.environ.get("CTL_ROLE") or None      # asked for on the first join only
         self.summary = ""

@@ -162,6 +162,7 @@ class StopAndStartTest(HookTestCase):
     def test_idle_worker_is_reminded_once_and_the_room_stop_is_told(self):
         lead, worker = self.agent("lead", "architect"), self.agent("worker")
         lead.ok("create_task", {"title": "waiting for someone"})
+        self.assertIsNone(lead.hook("Stop", {"stop_hook_active": False})[1], "the architect plans: never told to claim")
         out = worker.hook("Stop", {"stop_hook_active": False})[1]
         self.assertEqual(out["decision"], "block")
         self.assertIn("1 task(s) are ready and you hold none", out["reason"])
@@ -169,6 +170,7 @@ class StopAndStartTest(HookTestCase):
         self.broker.operator().ok("POST", "/operator/stop", {})
         out = worker.hook("Stop", {"stop_hook_active": False})[1]
         self.assertIn("STOP: the human stopped the room", out["reason"])
+        self.assertNotIn("send", out["reason"], "sends are refused in a stopped room: never suggest one")
 
     def test_session_start_briefs_the_session(self):
         lead, worker = self.agent("lead", "architect"), self.agent("worker")
