@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # pip, pipx and uv each install the project; every install gives working commands that serve the
-# dashboard, and puts one package (ctl) into site-packages, never top-level modules like broker.py.
+# dashboard (installed as a data file), and puts one package (ctl) into site-packages, never top-level modules
+# like broker.py.
 set -euo pipefail
 work=$1
 checkout=$(pwd)
@@ -12,7 +13,7 @@ check_install() {    # label, bin dir, site-packages dir
   for module in broker mcp_server install launch hook ctl_common; do
     [ ! -e "$site/$module.py" ] || { echo "FAILED: $label put $module.py at the top of site-packages"; exit 1; }
   done
-  [ -f "$site/ctl/dashboard.html" ] || { echo "FAILED: $label did not install the dashboard"; exit 1; }
+  [ ! -e "$site/dashboard.html" ] || { echo "FAILED: $label put dashboard.html at the top of site-packages"; exit 1; }
   (
     export CTL_STATE_DIR="$work/state-$label" HOME="$work/home-$label" PATH="$bin:$PATH"
     CTL_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
@@ -22,7 +23,7 @@ check_install() {    # label, bin dir, site-packages dir
     "$bin/ctl-launch" --no-browser | tee "$work/launch-$label.txt"
     grep -q "ctl-install" "$work/launch-$label.txt" || { echo "FAILED: $label launch does not name ctl-install"; exit 1; }
     "$bin/ctl-launch" --status
-    python3 -c "import os, urllib.request; page = urllib.request.urlopen(f'http://127.0.0.1:{os.environ[\"CTL_PORT\"]}/').read(); assert b'Control Tower Lite' in page"
+    python3 -c "import os, urllib.request; page = urllib.request.urlopen(f'http://127.0.0.1:{os.environ[\"CTL_PORT\"]}/').read(); assert b'Control Tower Lite' in page, 'the install does not serve its dashboard'"
     "$bin/ctl-install" --print | grep -q '"ctl.mcp"'
     "$bin/ctl-hook" PreToolUse </dev/null
     "$bin/ctl-launch" --stop

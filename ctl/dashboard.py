@@ -30,7 +30,7 @@ def page_path():
         installed = metadata.files(DISTRIBUTION) or ()
     except metadata.PackageNotFoundError:
         return None
-    found = [str(f.locate()) for f in installed if f.name == "dashboard.html"]
+    found = [os.path.normpath(f.locate()) for f in installed if f.name == "dashboard.html"]
     return next((path for path in found if os.path.isfile(path)), None)
 
 
