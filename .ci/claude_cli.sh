@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Claude Code's CLI as a real client, in a throwaway HOME: install.py's registration, then the plugin.
+# Claude Code's CLI as a real client, in a throwaway HOME: install.py's registration, then the plugin; then real
+# sessions driven by the scripted Messages API stand-in (tests/conformance/claude_real.py), current and oldest CLI.
 set -euo pipefail
 work=$1 checkout=$2
 export HOME="$work/home" PATH="$work/claude/node_modules/.bin:$PATH"
@@ -7,7 +8,7 @@ mkdir -p "$HOME"
 export CTL_STATE_DIR="$HOME/state" CTL_PORT
 CTL_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 cd "$work"
-claude --version
+echo "Claude Code under test: $(claude --version) (npm latest); oldest supported: $("$work/claude-oldest/node_modules/.bin/claude" --version)"
 fail() { echo "FAILED: $*"; exit 1; }
 
 python3 "$checkout/install.py" --hooks
@@ -33,4 +34,11 @@ claude plugin marketplace remove control-tower-lite
 ! claude plugin list 2>&1 | grep -q 'ctl@control-tower-lite' || fail "the plugin is still listed"
 ! timeout 120 claude mcp list 2>&1 | grep -q 'plugin:ctl' || fail "the plugin's server is still registered"
 python3 "$checkout/launch.py" --stop >/dev/null
-echo "Claude Code CLI stage: 1 passed, 0 failed"
+echo "Claude Code CLI registration: 1 passed, 0 failed"
+
+# Real sessions, offline: each team gets its own HOME, broker port and state directory from the driver.
+status=0
+timeout 600 python3 "$checkout/tests/conformance/claude_real.py" --claude "$(command -v claude)" || status=1
+timeout 300 python3 "$checkout/tests/conformance/claude_real.py" --claude "$work/claude-oldest/node_modules/.bin/claude" \
+  --mode install || status=1
+[ "$status" = 0 ] || fail "Claude Code sessions: see the FAIL lines above (what the model was shown)"
