@@ -20,10 +20,12 @@ if [ -f "$HOME/.claude.json" ] && grep -q '"ctl"' "$HOME/.claude.json"; then fai
 claude plugin marketplace add "$checkout"
 claude plugin install ctl@control-tower-lite
 plugins=$(claude plugin list 2>&1); echo "$plugins"
-grep -A3 'ctl@control-tower-lite' <<<"$plugins" | grep -q 'enabled' || fail "the plugin is not enabled"
+grep -A6 'ctl@control-tower-lite' <<<"$plugins" | grep -q 'enabled' || fail "the plugin is not enabled"
 details=$(claude plugin details ctl@control-tower-lite 2>&1); echo "$details"
 grep -Eq 'MCP servers \(1\) +ctl' <<<"$details" || fail "plugin details does not list the MCP server"
-grep -Eq 'Hooks \(3\) +PreToolUse, Stop, SessionStart' <<<"$details" || fail "plugin details does not list every hook"
+hooks=$(python3 -c 'import json, sys; e = list(json.load(open(sys.argv[1]))["hooks"]); print("Hooks \\(%d\\) +%s" % (len(e), ", ".join(e)))' \
+  "$checkout/hooks/hooks.json")
+grep -Eq "$hooks" <<<"$details" || fail "plugin details does not list every hook of hooks/hooks.json ($hooks)"
 python3 "$checkout/install.py" --status | tee "$work/status.txt"
 grep -q "ctl@control-tower-lite is installed" "$work/status.txt" || fail "install.py --status does not see the plugin"
 python3 "$checkout/install.py" | grep -q "already provided by the Claude Code plugin" || fail "install.py would double up"

@@ -185,6 +185,7 @@ class Route:
     mutates: bool = False     # an agent change: refused while the room is stopped
     scoped: bool = True       # acts on one room: a peer's own, or the one an operator or observer names
 
+    lossy: bool = False       # a POST whose writes are safe to lose (acks, heartbeats): its commit skips the fsync
 
 PEER = frozenset({"peer"})
 PEER_OR_OPERATOR = frozenset({"peer", "operator"})
@@ -372,14 +373,16 @@ ROUTES = {
     ("POST", "/leave"): Route(r_leave, PEER, {}),
     ("POST", "/heartbeat"): Route(r_heartbeat, PEER, {
         "summary": Field("text", limit=LIMITS["summary"], minimum=0),
-        "reach": Field("enum", choices=REACHES)}),
+        "reach": Field("enum", choices=REACHES)}, lossy=True),
     ("GET", "/peers"): Route(r_peers, READERS, {}),
     ("POST", "/messages"): Route(r_send, PEER, SEND_SCHEMA, mutates=True),
     ("GET", "/inbox"): Route(r_inbox, INBOX_READERS, {
         "wait": Field("query_int", limit=MAX_WAIT_SECONDS, minimum=0, default=0),
         "limit": Field("query_int", limit=100, default=20),
-        "ack": Field("query_int", limit=2**62)}),
-    ("POST", "/inbox/ack"): Route(r_ack, INBOX_READERS, {"ids": Field("ids", required=True, limit=100)}),
+        "ack": Field("query_int", limit=2**62),
+        "room": Field("enum", choices=ROOM_STATES),
+        "ready": Field("query_int", limit=2**53, minimum=0)}),
+    ("POST", "/inbox/ack"): Route(r_ack, INBOX_READERS, {"ids": Field("ids", required=True, limit=100)}, lossy=True),
     ("GET", "/receipts"): Route(r_receipts, PEER, {}),
     ("POST", "/tasks"): Route(r_create_task, PEER_OR_OPERATOR, {
         "title": Field("text", required=True, limit=LIMITS["title"]),

@@ -240,7 +240,7 @@ class HttpLoop:
         if not batch:
             return
         store = self.broker.store
-        grouped = len(batch) > 1 and store.begin_batch()
+        grouped = len(batch) > 1 and store.begin_batch(any(self.broker.promises(req) for _, req in batch))
         started = time.perf_counter()
         outcomes = [self.broker.handle(req) for _, req in batch]
         if grouped and not store.commit_batch():

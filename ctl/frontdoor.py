@@ -322,6 +322,7 @@ class Broker:
                 if field != "content":
                     self.store.record_event(actor.room_id, "content_flagged", actor.name,
                                             f"{req.method} {req.path}: {field} (rule {rule})", time.time())
+            self.store.durability(self.promises(req))
             result = route.handler(self, actor, params)
             return result if isinstance(result, Park) else (200, result, self._room_header(actor, req.path == "/inbox"))
         except ApiError as err:
@@ -336,6 +337,13 @@ class Broker:
         except Exception:
             log(f"internal error on {escape_for_log(req.method)} {escape_for_log(req.path)}:\n{traceback.format_exc()}")
             return 500, {"error": {"code": "internal", "message": "internal error; see the broker log"}}
+
+    @staticmethod
+    def promises(req: Request) -> bool:
+        """A POST that is not lossy is a change its client is told is stored, so its commit is fsynced. A GET
+        writes only what is safe to lose: last seen, last read, acks of what an earlier read delivered."""
+        route = ROUTES.get((req.method, req.path))
+        return req.method == "POST" and (route is None or not route.lossy)
 
     def _room_header(self, actor, inbox: bool = False) -> dict:
         """Sessions learn of a pause or stop, and of unread mail, on their very next call (an inbox read

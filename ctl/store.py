@@ -283,6 +283,8 @@ class Store:
         self._counts = {}                       # room id -> (version, tasks per status)
         self._unread = {}                       # peer id -> its unread summary, dropped when its mail changes
 
+        self.retention = Retention()            # which rooms to prune, and the counted refusals
+        self._synchronous = "FULL"              # what the next commit does: FULL fsyncs it, NORMAL does not
     @contextlib.contextmanager
     def tx(self):
         if self.db.in_transaction:
@@ -319,10 +321,21 @@ class Store:
         self.room_states = {r["id"]: r["state"] for r in rows}
         self.archived = {r["id"] for r in rows if r["archived_at"] is not None}
 
-    def begin_batch(self) -> bool:
+    def durability(self, promised: bool) -> None:
+        """Fsync only commits holding a write some client is told is stored (synchronous=FULL). One holding only
+        acks, heartbeats and read times (NORMAL) still reaches the WAL file, so it survives a killed broker, and
+        the next FULL commit or checkpoint makes it durable too: power lost before that only redelivers. SQLite
+        takes the setting only between transactions."""
+        wanted = "FULL" if promised else "NORMAL"
+        if wanted != self._synchronous and not self.db.in_transaction:
+            self.db.execute(f"PRAGMA synchronous={wanted}")
+            self._synchronous = wanted
+
+    def begin_batch(self, promised: bool) -> bool:
         """Open the loop's group-commit transaction; False (run each request on its own) if another process
         holds the write lock, so reads still answer and writes fail fast with 503."""
         try:
+        self.durability(promised)
             self.db.execute("BEGIN IMMEDIATE")
             return True
         except sqlite3.OperationalError:

@@ -43,7 +43,8 @@ def free_port() -> int:
 class BrokerProcess:
     """One broker subprocess; `kill9` and `start` again reuse the same port and state directory."""
 
-    def __init__(self, env=None, state_dir=None, port=None):
+    def __init__(self, env=None, state_dir=None, port=None, wrapper=()):
+        self.wrapper = list(wrapper)        # e.g. strace: what the broker runs under
         self.port = port or free_port()
         self.tmp = tempfile.mkdtemp(prefix="ctl-test-")
         os.chmod(self.tmp, 0o700)
@@ -57,7 +58,8 @@ class BrokerProcess:
         if self.log is not None:
             self.log.close()
         self.log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, BROKER], env=self.env, stdout=self.log, stderr=self.log)
+        self.proc = subprocess.Popen([*self.wrapper, sys.executable, BROKER], env=self.env, stdout=self.log,
+                                     stderr=self.log)
         if wait:
             self.wait_healthy()
         return self

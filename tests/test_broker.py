@@ -2,6 +2,7 @@
 import base64
 import json
 import os
+import shutil
 import socket
 import sqlite3
 import stat
@@ -720,6 +721,22 @@ class DurabilityTest(unittest.TestCase):
                             acknowledged[kind].append(text)
                     i += 1
 
+            read_before = set()
+
+            def read():
+                """Reads acknowledge what came before (lossy commits, no fsync) while the sends are fsynced."""
+                client = ctl_common.BrokerClient(broker.port, token=reader.token, timeout=3)
+                last = None
+                while not stop.is_set():
+                    try:
+                        status, batch = client.request("GET", f"/inbox?wait=1&limit=50{f'&ack={last}' if last else ''}")
+                    except ctl_common.BrokerUnavailable:
+                        return
+                    if status == 200 and batch["messages"]:
+                        with lock:
+                            read_before.update(m["content"] for m in batch["messages"])
+                        last = batch["messages"][-1]["delivery_id"]
+
             jobs = [(s.token, "message", s.name) for s in senders] + \
                 [(architect.token, "task", f"task{i}") for i in range(2)] + \
                 [(architect.token, "memory", f"mem{i}") for i in range(2)]
@@ -741,13 +758,50 @@ class DurabilityTest(unittest.TestCase):
                     break
                 received.update(m["content"] for m in batch)
                 reader.ok("POST", "/inbox/ack", {"ids": [m["delivery_id"] for m in batch]})
-            self.assertEqual(set(acknowledged["message"]) - received, set(), "every acknowledged message is there")
+            self.assertGreater(len(read_before), 0, "the reader read and acknowledged during the run")
+            self.assertEqual(set(acknowledged["message"]) - received - read_before, set(),
+                             "every acknowledged message is there, read before the kill or readable after it")
+            self.assertTrue(received.isdisjoint(read_before - (received & read_before)) and
+                            set(acknowledged["message"]) <= received | read_before,
+                            "a lost acknowledgement only hands a message over again")
             db = sqlite3.connect(os.path.join(broker.state_dir, "broker.db"))
             titles = {row[0] for row in db.execute("SELECT title FROM tasks")}
             keys = {row[0] for row in db.execute("SELECT key FROM memory")}
             db.close()
             self.assertEqual(set(acknowledged["task"]) - titles, set(), "every acknowledged task is there")
             self.assertEqual(set(acknowledged["memory"]) - keys, set(), "every acknowledged decision is there")
+        finally:
+            broker.cleanup()
+
+
+@unittest.skipUnless(shutil.which("strace"), "strace counts the broker's fsyncs")
+class FsyncTest(unittest.TestCase):
+    def test_only_writes_a_client_is_told_are_stored_are_fsynced(self):
+        trace = os.path.join(tempfile.mkdtemp(prefix="ctl-strace-"), "trace")
+        broker = BrokerProcess(env={"CTL_RATE_LIMIT": "1000000"},
+                               wrapper=["strace", "-f", "-qq", "-e", "trace=fdatasync,fsync", "-o", trace])
+        try:
+            broker.start()
+            sender, reader = broker.join("f-send"), broker.join("f-read")
+
+            def fsyncs():
+                with open(trace) as handle:
+                    return sum(1 for line in handle if "sync(" in line)
+
+            before = fsyncs()
+            for i in range(30):
+                sender.ok("POST", "/messages", {"to": "f-read", "content": f"m{i}"})
+            sends = fsyncs() - before
+            before = fsyncs()
+            for _ in range(30):
+                batch = reader.ok("GET", "/inbox?limit=1")["messages"]
+                reader.ok("POST", "/inbox/ack", {"ids": [batch[0]["delivery_id"]]})
+                reader.ok("POST", "/heartbeat", {"summary": "reading"})
+            reads = fsyncs() - before
+            self.assertGreaterEqual(sends, 30, "every acknowledged send is fsynced before its answer")
+            self.assertLessEqual(reads, 3, "acks and heartbeats are safe to lose: no fsync of their own")
+        except OSError as exc:
+            self.skipTest(f"strace cannot trace here: {exc}")
         finally:
             broker.cleanup()
 
