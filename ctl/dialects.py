@@ -34,6 +34,17 @@ def decision_deny(reason: str) -> dict:
     return {"decision": "deny", "reason": reason}
 
 
+def context_hand_over(text: str) -> dict:
+    """Claude Code shows a Stop hook's additionalContext once and goes on with the turn; a block's reason it
+    shows twice (as feedback and as an error naming our command line)."""
+    return {"hookSpecificOutput": {"hookEventName": "Stop", "additionalContext": text}}
+
+
+def block_hand_over(text: str) -> dict:
+    """Codex and Gemini read a blocked stop's reason as the next prompt."""
+    return {"decision": "block", "reason": text}
+
+
 @dataclass(frozen=True)
 class Dialect:
     label: str
@@ -42,6 +53,7 @@ class Dialect:
     shells: dict            # tool name -> the argument holding its shell command
     deny: object            # reason -> the answer that refuses the tool call
     timeout_scale: int      # the client's unit of a hook timeout, in seconds (1000: milliseconds)
+    hand_over: object = block_hand_over     # text -> the Stop answer that hands it to the model and goes on
 
     def write_targets(self, tool: str, arguments: dict, cwd: str) -> list:
         """The files this call will write, as given (relative ones are the caller's to resolve)."""
@@ -67,10 +79,8 @@ CODEX_WRITERS = {"apply_patch": patch_paths}
 GEMINI_WRITERS = {"write_file": field("file_path"), "replace": field("file_path")}
 
 CLIENTS = {
-    "claude": Dialect("Claude Code",
-                      {"PreToolUse": ("PreToolUse", "|".join([*CLAUDE_WRITERS, "Bash"])),
-                       "Stop": ("Stop", None), "SessionStart": ("SessionStart", None)},
-                      CLAUDE_WRITERS, {"Bash": "command"}, permission_deny, 1),
+    "claude": Dialect("Claude Code", {},         # its hooks: install.HOOK_EVENTS and the plugin's hooks.json
+                      CLAUDE_WRITERS, {"Bash": "command"}, permission_deny, 1, context_hand_over),
     "codex": Dialect("Codex CLI",
                      {"PreToolUse": ("PreToolUse", matcher(*CODEX_WRITERS, "Bash")),
                       "Stop": ("Stop", None), "SessionStart": ("SessionStart", None)},

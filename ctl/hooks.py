@@ -152,7 +152,7 @@ def stop(event: dict, peer: Peer) -> None:
     peer.remember(memo)
     if not parts:
         return
-    emit({"decision": "block", "reason": "\n\n".join(parts)})
+    emit(DIALECT.hand_over("\n\n".join(parts)))
     if batch["messages"]:                                   # handed over: only now are they read
         peer.call("POST", "/inbox/ack", {"ids": [m["delivery_id"] for m in batch["messages"]]})
     peer.call("POST", "/heartbeat", {"reach": "hooks"})

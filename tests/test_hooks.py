@@ -42,6 +42,13 @@ class HookTestCase(unittest.TestCase):
         return {lock["path"]: lock for lock in self.broker.operator().ok("GET", "/locks")["locks"]}
 
 
+def handed_over(answer: dict) -> str:
+    """What a Stop answer gives Claude Code's model: additionalContext, shown once, and the turn goes on."""
+    out = answer["hookSpecificOutput"]
+    assert out["hookEventName"] == "Stop", answer
+    return out["additionalContext"]
+
+
 def read_bytes(path: str) -> bytes:
     try:
         with open(path, "rb") as handle:
@@ -143,8 +150,8 @@ class StopAndStartTest(HookTestCase):
         notice = worker.call("list_tasks", {})["content"][0]["text"]
         self.assertTrue(notice.startswith("2 unread messages (latest from lead, question): call check"), notice)
         code, out, _ = worker.hook("Stop", {"stop_hook_active": False})
-        self.assertEqual((code, out["decision"]), (0, "block"))
-        reason = out["reason"]
+        self.assertEqual((code, list(out)), (0, ["hookSpecificOutput"]), "one copy: context only, never a block")
+        reason = handed_over(out)
         nonce = re.search(r"<<<peer-text ([0-9a-f]{12})\n", reason).group(1)
         self.assertEqual(reason.count(f"<<<peer-text {nonce}"), 2, "both messages, each fenced")
         self.assertIn("#1 from lead (architect, agent) to worker, info", reason)
@@ -164,13 +171,12 @@ class StopAndStartTest(HookTestCase):
         lead.ok("create_task", {"title": "waiting for someone"})
         self.assertIsNone(lead.hook("Stop", {"stop_hook_active": False})[1], "the architect plans: never told to claim")
         out = worker.hook("Stop", {"stop_hook_active": False})[1]
-        self.assertEqual(out["decision"], "block")
-        self.assertIn("1 task(s) are ready and you hold none", out["reason"])
+        self.assertIn("1 task(s) are ready and you hold none", handed_over(out))
         self.assertIsNone(worker.hook("Stop", {"stop_hook_active": False})[1], "reminded once")
         self.broker.operator().ok("POST", "/operator/stop", {})
         out = worker.hook("Stop", {"stop_hook_active": False})[1]
-        self.assertIn("STOP: the human stopped the room", out["reason"])
-        self.assertNotIn("send", out["reason"], "sends are refused in a stopped room: never suggest one")
+        self.assertIn("STOP: the human stopped the room", handed_over(out))
+        self.assertNotIn("send", handed_over(out), "sends are refused in a stopped room: never suggest one")
 
     def test_session_start_briefs_the_session(self):
         lead, worker = self.agent("lead", "architect"), self.agent("worker")
