@@ -963,6 +963,10 @@ def main(argv=None) -> int:
     except (StateError, BrokerUnavailable) as exc:
         print(f"ctl: {exc}", file=sys.stderr)
         return 2
+    if sys.stdin.isatty():
+        log(f"this is Control Tower Lite's MCP server: it speaks JSON-RPC on stdin and stdout to a coding agent, "
+            f"which starts it (register it once: {user_command('install')} --hooks). Waiting for a client; "
+            "Ctrl-D ends it.")
     session = Session(port, state_dir, os.getcwd())
     server = Server(session)
     heartbeat = threading.Thread(target=session.heartbeat_forever, daemon=True, name="heartbeat")

@@ -76,6 +76,26 @@ class ProtocolTest(McpTestCase):
             session.dispose()
             lonely.cleanup()
 
+    def test_run_by_hand_in_a_terminal_it_says_what_it_is(self):
+        import pty
+        controller, terminal = pty.openpty()
+        proc = subprocess.Popen([sys.executable, MCP_SERVER], stdin=terminal, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, env={**self.broker.env, "CTL_NAME": "by-hand"},
+                                cwd=self.project)
+        os.close(terminal)
+        try:
+            line = proc.stderr.readline().decode()
+            self.assertIn("MCP server", line)
+            self.assertIn("install.py --hooks", line)
+            os.write(controller, b"\x04")                   # Ctrl-D
+            self.assertEqual(proc.wait(10), 0)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            proc.stderr.close()
+            os.close(controller)
+
     def test_error_paths(self):
         session = self.session()
         self.assertEqual(session.request("ping")["result"], {})
