@@ -24,9 +24,10 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 
-from ctl import CHECKOUT, ENTRY_POINTS, common, entry_command, user_command
+from ctl import CHECKOUT, ENTRY_POINTS, common, dialects, entry_command, user_command
 
 SERVER_NAME = "ctl"     # short on purpose: it prefixes every tool name the model sees
 PLUGIN_ID = "ctl@control-tower-lite"
@@ -77,7 +78,8 @@ def server_command(args) -> list:
 
 def hook_command(args, event: str) -> str:
     base = portable_command("hook") if args.scope == "project" else entry_command("hook")
-    return shlex.join(base + location_args(args) + [event])
+    client = [] if args.client == "claude" else ["--client", args.client]
+    return shlex.join(base + location_args(args) + client + [event])
 
 
 def json_entry(command: list, client: str) -> dict:
@@ -273,7 +275,17 @@ def target_path(args) -> str:
 
 def server_edit(args, command):
     if CLIENTS[args.client].kind == "toml":
-        return toml_edit(None if args.uninstall else codex_section(command))
+        edit = toml_edit(None if args.uninstall else codex_section(command))
+        if not args.uninstall:
+            return edit
+        ours = []
+        if has_our_hooks(home(*HOOK_FILES["codex"])):
+            try:                                # our trust records go with our server (asked while hooks.json
+                ours = codex_hooks(project_dir(args))   # still names our hooks)
+            except InstallError:
+                pass
+        untrust = codex_trust_edit(ours, trust=False)
+        return lambda path, text: untrust(path, edit(path, text))
     entry = json_entry(command, args.client)
 
     def update(servers):
@@ -284,9 +296,25 @@ def server_edit(args, command):
     return json_edit("mcpServers", update)
 
 
+HOOK_FILES = {           # client -> where its hooks live, below the home or the project directory
+    "claude": (".claude", "settings.json"),
+    "codex": (".codex", "hooks.json"),
+    "gemini": (".gemini", "settings.json"),
+}
+
+
 def settings_path(args) -> str:
-    return os.path.join(project_dir(args), ".claude", "settings.json") if args.scope == "project" \
-        else home(".claude", "settings.json")
+    if args.client not in HOOK_FILES:
+        raise InstallError(f"{CLIENTS[args.client].label} hooks are not supported; leave out --hooks")
+    return os.path.join(project_dir(args), *HOOK_FILES[args.client]) if args.scope == "project" \
+        else home(*HOOK_FILES[args.client])
+
+
+def hook_events(client: str) -> dict:
+    """Our hook -> (the client's event, its matcher): Claude Code's list here, the others' in dialects.py."""
+    if client == "claude":
+        return {event: (event, matcher) for event, matcher in HOOK_EVENTS.items()}
+    return dialects.CLIENTS[client].events
 
 
 def is_ours(group) -> bool:
@@ -296,17 +324,23 @@ def is_ours(group) -> bool:
 
 
 def hooks_edit(args):
+    scale = dialects.CLIENTS[args.client].timeout_scale
+
     def update(hooks):
-        for event, matcher in HOOK_EVENTS.items():
+        for ours, (event, matcher) in hook_events(args.client).items():
             groups = [g for g in hooks.get(event, []) if not is_ours(g)]
             if not args.uninstall:
-                group = {"hooks": [{"type": "command", "command": hook_command(args, event), "timeout": 10}]}
+                group = {"hooks": [{"type": "command", "command": hook_command(args, ours), "timeout": 10 * scale}]}
                 groups.append({"matcher": matcher, **group} if matcher else group)
             if groups:
                 hooks[event] = groups
             else:
                 hooks.pop(event, None)
-    return json_edit("hooks", update)
+    edit = json_edit("hooks", update)
+    if args.client != "gemini" or args.uninstall:
+        return edit
+    enable = json_edit("hooksConfig", lambda config: config.update(enabled=True))   # Gemini's master switch
+    return lambda path, text: enable(path, edit(path, text))
 
 
 # ---------------------------------------------------------------- the git guard
@@ -350,7 +384,147 @@ def install_git_hook(args) -> str:
                                                if os.path.exists(chained) else "")
 
 
-# ---------------------------------------------------------------- status: a real handshake
+# ---------------------------------------------------------------- will the hooks run: each client's trust
+
+
+def codex_hooks(folder: str, timeout: float = 30.0) -> list:
+    """Our hooks as Codex itself sees them for `folder` (its app-server's hooks/list, the API behind its /hooks
+    screen): each with its trust key, current hash and trustStatus. Raises InstallError when Codex cannot say."""
+    import select
+    codex = shutil.which("codex")
+    if codex is None:
+        raise InstallError("the codex command is not on PATH")
+    messages = [{"id": 1, "method": "initialize", "params": {"clientInfo": {"name": "ctl-install", "version": "1"}}},
+                {"method": "initialized"}, {"id": 2, "method": "hooks/list", "params": {"cwds": [folder]}}]
+    try:
+        proc = subprocess.Popen([codex, "app-server"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL)
+    except OSError as exc:
+        raise InstallError(f"cannot run codex app-server: {exc}")
+    try:
+        proc.stdin.write("".join(json.dumps({"jsonrpc": "2.0", **m}) + "\n" for m in messages).encode())
+        proc.stdin.flush()
+        deadline, buffer = time.monotonic() + timeout, b""
+        while time.monotonic() < deadline:
+            if not select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                break
+            chunk = os.read(proc.stdout.fileno(), 65536)
+            if not chunk:
+                break
+            buffer += chunk
+            for line in buffer.split(b"\n")[:-1]:
+                reply = json.loads(line) if line.strip().startswith(b"{") else {}
+                if reply.get("id") == 2:
+                    if "result" not in reply:
+                        raise InstallError(f"codex app-server refused hooks/list: {reply.get('error')}")
+                    return [hook for entry in reply["result"]["data"] for hook in entry["hooks"]
+                            if re.search(r"(hook\.py|ctl\.hooks|ctl-hook)\b", hook.get("command") or "")]
+        raise InstallError("codex app-server did not list its hooks in time")
+    except (OSError, ValueError) as exc:
+        raise InstallError(f"codex app-server: {exc}")
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def trust_block(key: str) -> re.Pattern:
+    """Exactly the two lines we write for one hook (and the blank line before them), nothing a person added."""
+    return re.compile(r"(?m)\n?^\[hooks\.state\." + re.escape(json.dumps(key)) + r"\]\ntrusted_hash = \"[^\"\n]*\"\n")
+
+
+def codex_trust_edit(hooks: list, trust: bool):
+    """config.toml with (or without) Codex's trust records for these hooks: `[hooks.state."<key>"]` holding the
+    hash Codex computed, exactly what its /hooks screen writes when a person trusts them."""
+    def edit(path, text):
+        current = text or ""
+        for hook in hooks:
+            current = trust_block(hook["key"]).sub("", current)
+            if trust:
+                current += ("\n" if current and not current.endswith("\n\n") else "") + \
+                    f"[hooks.state.{json.dumps(hook['key'])}]\ntrusted_hash = {json.dumps(hook['currentHash'])}\n"
+        if tomllib is not None and current != (text or ""):
+            try:
+                tomllib.loads(current)
+            except tomllib.TOMLDecodeError as exc:
+                raise InstallError(f"{path}: Codex's hook trust cannot be recorded there ({exc}); trust the hooks "
+                                   "in codex with /hooks instead")
+        return text if current == (text or "") else current
+    return edit
+
+
+def gemini_home(*parts) -> str:
+    return os.path.join(os.environ.get("GEMINI_CLI_HOME") or os.path.expanduser("~"), ".gemini", *parts)
+
+
+def gemini_folder_trust(folder: str):
+    """(trusted, why) as Gemini CLI decides it: an untrusted folder gets no MCP servers (so no session, and
+    hooks with nothing to act for). Longest matching rule of trustedFolders.json wins."""
+    forced = os.environ.get("GEMINI_CLI_TRUST_WORKSPACE")
+    if forced in ("true", "false"):
+        return forced == "true", f"GEMINI_CLI_TRUST_WORKSPACE={forced}"
+    settings = load_json("settings.json", read_text(gemini_home("settings.json")))
+    if (settings.get("security") or {}).get("folderTrust", {}).get("enabled") is False:
+        return True, "folder trust is off in its settings"
+    path = os.environ.get("GEMINI_CLI_TRUSTED_FOLDERS_PATH") or gemini_home("trustedFolders.json")
+    rules = load_json(path, read_text(path))
+    here, best = os.path.realpath(folder), (-1, None)
+    for rule, level in rules.items():
+        base = os.path.realpath(os.path.dirname(rule) if level == "TRUST_PARENT" else rule)
+        if (here == base or here.startswith(base.rstrip(os.sep) + os.sep)) and len(rule) > best[0]:
+            best = (len(rule), level)
+    if best[1] in ("TRUST_FOLDER", "TRUST_PARENT"):
+        return True, f"trusted in {path}"
+    return False, f"{folder} is {'distrusted' if best[1] == 'DO_NOT_TRUST' else 'not trusted'} in {path}"
+
+
+def gemini_trust_edit(folder: str, trust: bool):
+    def edit(path, text):
+        data = load_json(path, text)
+        before = dict(data)
+        if trust:
+            data[folder] = "TRUST_FOLDER"
+        else:
+            data.pop(folder, None)
+        return text if data == before else dump_json_like(data, text)
+    return edit
+
+
+def trust_codex_hooks(args, config_path: str, state_dir: str) -> str:
+    """Record Codex's trust in exactly the hooks just written (it skips untrusted hooks without a word)."""
+    try:
+        hooks = codex_hooks(project_dir(args))
+    except InstallError as exc:
+        return (f"Codex's trust in the hooks NOT recorded ({exc}): until you approve them in codex with /hooks, "
+                "Codex skips them")
+    outcome = change_file(config_path, codex_trust_edit(hooks, trust=True), False, state_dir)
+    return f"{len(hooks)} hooks trusted for Codex ({outcome.replace('registered in', 'recorded in', 1)})"
+
+
+def hooks_verdict(client: str, folder: str) -> tuple:
+    """(will run, what) for the hooks of one client that has them installed."""
+    fix = f"{user_command('install')} --client {client}"
+    if client == "codex":
+        try:
+            hooks = codex_hooks(folder)
+        except InstallError as exc:
+            return False, f"cannot tell whether Codex trusts them ({exc})"
+        waiting = [h for h in hooks if h["trustStatus"] not in ("trusted", "managed") or not h["enabled"]]
+        if not hooks or waiting:
+            states = ", ".join(sorted({h["trustStatus"] if h["enabled"] else "disabled" for h in waiting})) or "unseen"
+            return False, f"NOT RUNNING: Codex skips hooks it has not trusted ({states}); fix: {fix} --hooks"
+        return True, f"trusted by Codex: {len(hooks)} hooks will run"
+    if client == "gemini":
+        settings = load_json("settings.json", read_text(gemini_home("settings.json")))
+        config = settings.get("hooksConfig") if isinstance(settings.get("hooksConfig"), dict) else {}
+        if config.get("enabled") is False:
+            return False, f"NOT RUNNING: hooksConfig.enabled is false in {gemini_home('settings.json')}; fix: {fix} --hooks"
+        trusted, why = gemini_folder_trust(folder)
+        if not trusted:
+            return False, f"NOT RUNNING: {why}, so Gemini CLI disables the server there; fix: {fix} --trust {folder}"
+        return True, f"enabled, folder {why}: they will run in {folder}"
+    return True, "Claude Code runs them"
+
+
 
 
 def handshake(command: list, timeout: float = 10.0) -> str:
@@ -419,15 +593,34 @@ def registrations(folder: str = None) -> list:
     found = [f"{label} in {path}" for label, path, _ in found_entries(folder)]
     if plugin_installed():
         found.append(f"Claude Code plugin {PLUGIN_ID}")
-    for path in (home(".claude", "settings.json"), os.path.join(folder, ".claude", "settings.json")):
-        try:
-            hooks = load_json(path, read_text(path)).get("hooks", {})
-        except InstallError:
-            continue
-        if isinstance(hooks, dict) and any(is_ours(g) for groups in hooks.values() if isinstance(groups, list)
-                                           for g in groups):
-            found.append(f"hooks in {path}")
+    found += [f"hooks in {path}" for _, path in hook_files(folder)]
     return found
+
+
+def has_our_hooks(path: str) -> bool:
+    try:
+        hooks = load_json(path, read_text(path)).get("hooks", {})
+    except InstallError:
+        return False
+    return isinstance(hooks, dict) and any(is_ours(g) for groups in hooks.values() if isinstance(groups, list)
+                                           for g in groups)
+
+
+def hook_files(folder: str):
+    """(client, path) of every file holding our hooks, in the home and in `folder` (Codex: home only)."""
+    for client, parts in HOOK_FILES.items():
+        places = [home(*parts)] + ([os.path.join(folder, *parts)] if CLIENTS[client].project_path else [])
+        yield from ((client, path) for path in dict.fromkeys(places) if has_our_hooks(path))
+
+
+def hook_checks(folder: str = None) -> list:
+    """(ok, what, fix) per client with hooks installed: installed is not enough, they must also run."""
+    folder = folder or os.getcwd()
+    checks = []
+    for client in dict.fromkeys(client for client, _ in hook_files(folder)):
+        runs, what = hooks_verdict(client, folder)
+        checks.append((runs, f"{CLIENTS[client].label} hooks: {what}", what.rpartition("fix: ")[2]))
+    return checks
 
 
 def stale_reason(command: list):
@@ -448,15 +641,19 @@ def status(args) -> int:
     plugin = plugin_installed()
     for label, path, command in entries:
         verdict = stale_reason(command) or handshake(command)
+        if label.startswith(CLIENTS["gemini"].label) and verdict.startswith("answers"):
+            trusted, why = gemini_folder_trust(folder)
+            if not trusted:
+                verdict += (f", but Gemini CLI shows it Disabled here: {why}; fix: {user_command('install')} "
+                            f"--client gemini --trust {folder}")
         print(f"  {label}: {path}\n    {shlex.join(command)}\n    {verdict}")
     if plugin:
         print(f"  Claude Code plugin: {PLUGIN_ID} is installed (its own server and hooks)")
         if any(label.startswith("Claude Code") for label, _, _ in entries):
             print(f"    DOUBLED: Claude Code also has an install.py registration; remove one: "
                   f"{user_command('install')} --uninstall")
-    for line in registrations(folder):
-        if line.startswith("hooks in"):
-            print(f"  {line}")
+    for client, path in hook_files(folder):
+        print(f"  {CLIENTS[client].label} hooks in {path}\n    {hooks_verdict(client, folder)[1]}")
     if not entries and not plugin:
         print(f"  not registered anywhere; run: {user_command('install')}")
         return 1
@@ -472,7 +669,10 @@ def main(argv=None) -> int:
     parser.add_argument("--scope", choices=("user", "project"), default=None,
                         help="user (default; cursor: project) or project")
     parser.add_argument("dir", nargs="?", help="project directory for --scope project and --git-hook (default: here)")
-    parser.add_argument("--hooks", action="store_true", help="also install the Claude Code hooks")
+    parser.add_argument("--hooks", action="store_true", help="also install the client's hooks (claude, codex, gemini;"
+                        " Codex's are trusted for it, the hooks it would ask you to approve in /hooks)")
+    parser.add_argument("--trust", action="store_true", help="gemini: trust the project folder DIR (default: here),"
+                        " without which Gemini CLI disables every MCP server there")
     parser.add_argument("--git-hook", action="store_true", help="install (or remove) the git pre-commit guard only")
     parser.add_argument("--uninstall", action="store_true", help="remove what install added")
     parser.add_argument("--status", action="store_true", help="show registrations and test them")
@@ -488,8 +688,20 @@ def main(argv=None) -> int:
         if args.git_hook:
             print(f"Control Tower Lite: {install_git_hook(args)}.")
             return 0
+        if args.trust:
+            if args.client != "gemini":
+                raise InstallError("--trust is for --client gemini (Codex's hooks are trusted by --hooks)")
+            folder = os.path.realpath(project_dir(args))
+            trust_file = os.environ.get("GEMINI_CLI_TRUSTED_FOLDERS_PATH") or gemini_home("trustedFolders.json")
+            outcome = change_file(trust_file, gemini_trust_edit(folder, not args.uninstall), args.uninstall,
+                                  state_dir, 0o600)
+            print(f"Control Tower Lite: {folder} {'no longer trusted' if args.uninstall else 'trusted'} by Gemini "
+                  f"CLI ({outcome}).")
+            return 0
         command = server_command(args)
         path = target_path(args)
+        if args.hooks:
+            settings_path(args)                 # an unsupported client is refused before anything is written
         edit = server_edit(args, command)
         if args.print_only:
             print(f"# {path}\n{edit(path, None).rstrip()}")
@@ -501,11 +713,14 @@ def main(argv=None) -> int:
                   "(two registrations would double every tool).")
             return 0
         outcomes = [change_file(path, edit, args.uninstall, state_dir)]
-        if args.hooks or (args.uninstall and args.client == "claude"):
+        if args.hooks or (args.uninstall and args.client in HOOK_FILES):
             hooks_path = settings_path(args)
             outcome = change_file(hooks_path, hooks_edit(args), args.uninstall, state_dir)
             if args.hooks or not outcome.startswith("not registered"):
-                outcomes.append(outcome.replace("registered in", "hooks in", 1).replace("removed from", "hooks removed from", 1))
+                outcomes.append(re.sub(r"^(registered|updated) in", "hooks in", outcome)
+                                .replace("removed from", "hooks removed from", 1))
+        if args.hooks and args.client == "codex" and not args.uninstall:
+            outcomes.append(trust_codex_hooks(args, path, state_dir))
     except (InstallError, common.StateError) as exc:
         print(f"install: {exc}", file=sys.stderr)
         return 1

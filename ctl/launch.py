@@ -198,7 +198,8 @@ def rotate_tokens(port: int, state_dir: str, args) -> int:
 
 
 def run_doctor(port: int, state_dir: str, args) -> int:
-    checks = operations.doctor(port, state_dir, registered_anywhere())
+    from ctl import install
+    checks = operations.doctor(port, state_dir, registered_anywhere()) + install.hook_checks()
     for ok, what, fix in checks:
         print(f"{'ok ' if ok else 'FIX'} {printable(what)}" + ("" if ok else f"\n    -> {fix}"))
     return 0 if all(ok for ok, _, _ in checks) else 1
