@@ -31,11 +31,23 @@ def _read_only(path: str) -> sqlite3.Connection:
 
 
 def _private_file(path: str):
-    """Create a new file only this user can read; refuse to overwrite what is there."""
+    """Create a new file only this user can read; refuse to overwrite what is there or to follow a link."""
+    folder = os.path.dirname(path) or "."
+    if not os.path.isdir(folder):
+        raise OperationError(f"the folder {folder} does not exist; create it first or name a file in an existing one")
     try:
         return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     except FileExistsError:
-        raise OperationError(f"{path} already exists; name a new file")
+        raise OperationError(f"{path} already exists (a file or a link); name a new file")
+    except PermissionError:
+        raise OperationError(f"you may not write in {folder}; name a file in a folder of yours")
+
+
+def _new_folder(path: str) -> None:
+    """A folder of ours to write into: made 0700, or an existing real folder (never a link to one)."""
+    if os.path.islink(path):
+        raise OperationError(f"{path} is a symbolic link; export into a real folder")
+    os.makedirs(path, mode=0o700, exist_ok=True)
 
 
 # ---------------------------------------------------------------- backup and restore
@@ -111,11 +123,13 @@ def export(state_dir: str, out_dir: str, room_name=None) -> str:
             if not rooms:
                 names = ", ".join(sorted({r["name"] for r in _rows(db, "SELECT name FROM rooms")})) or "none"
                 raise OperationError(f"no room named {room_name}; rooms: {names}")
-        os.makedirs(out_dir, mode=0o700, exist_ok=True)
+        _new_folder(out_dir)
         written = []
         for room in rooms:
             folder = os.path.join(out_dir, f"{room['name']}-{room['id']}")
-            os.makedirs(folder, mode=0o700, exist_ok=True)
+            _new_folder(folder)
+            if os.listdir(folder):
+                raise OperationError(f"{folder} already holds an export; export into a new folder")
             parts = {
                 "messages": _rows(db, "SELECT id, sender, sender_role, origin, recipient, category, content, created_at, "
                                       "flag FROM messages WHERE room_id=? ORDER BY id", (room["id"],)),
@@ -144,8 +158,8 @@ def export(state_dir: str, out_dir: str, room_name=None) -> str:
 
 
 def _write(path: str, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+    """A new file: an export never overwrites an earlier one, nor writes through a link."""
+    with os.fdopen(_private_file(path), "w", encoding="utf-8") as handle:
         handle.write(text)
 
 
