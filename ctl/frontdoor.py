@@ -320,7 +320,7 @@ class Broker:
             params["flagged"] = flags
             for field, rule in flags:
                 if field != "content":
-                    self.store.record_event(actor.room_id, "content_flagged", actor.name,
+                    self.store.record_counted(actor.room_id, "content_flagged", actor.name,
                                             f"{req.method} {req.path}: {field} (rule {rule})", time.time())
             self.store.durability(self.promises(req))
             result = route.handler(self, actor, params)
@@ -361,7 +361,7 @@ class Broker:
                        429: "rate_limited"}
 
     def _note_refusal(self, err: ApiError, actor, req: Request) -> None:
-        """Refusals of a known peer go to its room's record; anonymous ones are counted per minute."""
+        """Refusals go to the refused peer's room, anonymous ones to the common record; each counted per minute."""
         kind = self.SECURITY_EVENTS.get(err.status)
         if kind is None:
             return
@@ -370,11 +370,11 @@ class Broker:
             detail += f" (rule {err.extra['rule']} on {err.extra['field']})"
         try:
             if actor is not None and actor.peer is not None:
-                self.store.record_event(actor.peer["room_id"], kind, actor.name, detail, time.time())
+                self.store.record_counted(actor.peer["room_id"], kind, actor.name, detail, time.time())
             elif actor is not None and actor.kind == "operator":
-                self.store.record_event(actor.room_id, kind, "operator", detail, time.time())
+                self.store.record_counted(actor.room_id, kind, "operator", detail, time.time())
             else:
-                self.store.record_refusal(kind, detail, time.time())
+                self.store.record_counted(None, kind, "unauthenticated", detail, time.time())
         except sqlite3.Error:
             pass
 
@@ -387,6 +387,7 @@ class Broker:
             if now >= self.next_prune:
                 self.next_prune = now + PRUNE_EVERY
                 self.store.prune(now)
+            self.store.prune_step()
             if idle:
                 self.store.checkpoint()
         except sqlite3.Error as exc:

@@ -13,10 +13,11 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from ctl.config import EVENTS_KEPT, GONE_PEER_DAYS, LIMITS, TASK_STATUSES, Settings
+from ctl.config import GONE_PEER_DAYS, LIMITS, TASK_STATUSES, Settings
 from ctl.common import StateError
 from ctl.errors import ApiError
 from ctl.names import RESERVED_SKELETONS, name_skeleton
+from ctl.retention import Retention
 
 SCHEMA_VERSION = 3
 SCHEMA = """
@@ -663,6 +664,7 @@ class Store:
             if actor.kind == "peer":
                 self.limiter.spend(sender_id, cost, now)
             self.woken.update(r["id"] for r in recipients)
+            self.retention.touched.add(room_id)
         result = {"message_id": message_id, "delivered_to": [r["name"] for r in recipients]}
         if state == "paused" and origin == "agent":
             result["held"] = "the room is paused; delivery resumes when the human resumes it"
@@ -1134,44 +1136,32 @@ class Store:
     def _event(self, room_id, now: float, kind: str, actor: str, detail: str) -> None:
         self.db.execute("INSERT INTO events(room_id, at, kind, actor, detail) VALUES(?,?,?,?,?)",
                         (room_id, now, kind, actor, detail))
+        self.retention.touched.add(room_id)
 
     def record_event(self, room_id, kind: str, actor: str, detail: str, now: float) -> None:
         with self.tx():
             self._event(room_id, now, kind, actor, detail)
 
-    def record_refusal(self, kind: str, detail: str, now: float) -> None:
-        """Refusals of unauthenticated callers are counted per kind per minute, so a flood from a web page
-        makes one row a minute and never pushes the peers' own security events out."""
-        minute = int(now // 60) * 60
+    def record_counted(self, room_id, kind: str, actor: str, detail: str, now: float) -> None:
+        """Refusals (and flags of fields other than a message's) are counted per room, kind, caller and minute,
+        so a flood, from a web page or a peer, makes one row a minute and pushes no other event out."""
         with self.tx():
-            row = self.db.execute("SELECT id FROM events WHERE room_id IS NULL AND kind=? AND at=?",
-                                  (kind, minute)).fetchone()
-            if row is None:
-                self.db.execute("INSERT INTO events(room_id, at, kind, actor, detail) VALUES(NULL,?,?,?,?)",
-                                (minute, kind, "unauthenticated", detail))
-            else:
-                self.db.execute("UPDATE events SET count=count+1, detail=? WHERE id=?", (detail, row["id"]))
+            self.retention.counted_event(self.db, room_id, kind, actor, detail, now)
 
     def prune(self, now: float) -> None:
-        """Keep retention bounded: old read messages go, unread ones stay until read, and peers gone for days
-        (with the mail nobody will read) are forgotten."""
+        """Peers gone for days are forgotten with the mail nobody will read (an archived room's stays: it is
+        history). Old read messages and events go room by room, in `prune_step`."""
         self._unread.clear()                    # gone peers' mail goes
         with self.tx():
-            top = self.db.execute("SELECT COALESCE(MAX(id), 0) FROM messages").fetchone()[0]
-            cut = top - self.settings.retention
-            if cut > 0:
-                self.db.execute("DELETE FROM deliveries WHERE acked_at IS NOT NULL AND message_id <= ?", (cut,))
-                self.db.execute("DELETE FROM messages WHERE id <= ? AND id NOT IN "
-                                "(SELECT message_id FROM deliveries WHERE message_id <= ?)", (cut, cut))
             gone = now - GONE_PEER_DAYS * 86400
             self.db.execute("DELETE FROM deliveries WHERE acked_at IS NULL AND peer_id IN (SELECT id FROM peers "
-                            "WHERE status IN ('left', 'dead', 'closed') AND last_seen < ?)", (gone,))
-            for scope in ("room_id IS NULL", "room_id IS NOT NULL"):
-                top_event = self.db.execute(f"SELECT COALESCE(MAX(id), 0) FROM events WHERE {scope}").fetchone()[0]
-                keep_from = self.db.execute(f"SELECT id FROM events WHERE {scope} ORDER BY id DESC LIMIT 1 OFFSET ?",
-                                            (EVENTS_KEPT,)).fetchone()
-                if keep_from is not None and top_event:
-                    self.db.execute(f"DELETE FROM events WHERE {scope} AND id <= ?", (keep_from[0],))
+                            "WHERE status IN ('left', 'dead') AND last_seen < ?)", (gone,))
+
+    def prune_step(self) -> None:
+        """From every tick: each room keeps its newest events and messages (unread ones always), within a budget."""
+        if self.retention.touched:
+            with self.tx():
+                self.retention.step(self.db, self.archived, self.settings.retention)
 
     def _open_blockers(self, room_id: int) -> int:
         return self.db.execute(                 # the room's blockers (a partial index), then their deliveries

@@ -824,6 +824,7 @@ class RetentionTest(unittest.TestCase):
             unread = store.inbox(reader, 100)["messages"]
             store.ack(reader, [m["delivery_id"] for m in unread[:90]], now)
             store.prune(now)
+            store.prune_step()
             kept = [row[0] for row in store.db.execute("SELECT content FROM messages ORDER BY id")]
             self.assertEqual(kept, [f"m{i}" for i in range(90, 300)],
                              "read messages older than the newest 100 are gone; unread ones all stay")
@@ -836,6 +837,50 @@ class RetentionTest(unittest.TestCase):
                 store.ack(reader, [m["delivery_id"] for m in batch], now)
             self.assertEqual(remaining, [f"m{i}" for i in range(90, 300)], "every unread message survived, in order")
             self.assertEqual(store.db.execute("PRAGMA integrity_check").fetchone()[0], "ok")
+        finally:
+            store.close()
+
+    def test_each_room_keeps_its_own_history_and_an_archived_room_all_of_it(self):
+        """Issue 20: 2,100 refusals in room A pruned every event of room B, and retention deleted an archived
+        room's read messages."""
+        from ctl import config, store as broker
+        folder = tempfile.mkdtemp(prefix="ctl-retention-")
+        settings = config.Settings(rate_limit=10, lease_seconds=30, token_ttl=60, retention=100, max_connections=8)
+        store = broker.Store(os.path.join(folder, "broker.db"), settings)
+        try:
+            now = time.time()
+            peers = {name: store.join(name, None, "", None, f"name:{name}", name, broker.JoinCaller(), now)
+                     for name in ("loud", "quiet", "done")}
+            rooms = {name: peer["room_id"] for name, peer in peers.items()}
+            operator = {name: broker.Actor("operator", room_id=room) for name, room in rooms.items()}
+            store.join("reader", None, "", None, "name:done", "done", broker.JoinCaller(), now)
+            for i in range(150):
+                store.send(operator["done"], "reader", f"kept {i}", "info", None, now)
+            reader = store.peer_by_id(store.db.execute("SELECT id FROM peers WHERE name='reader'").fetchone()[0])
+            store.inbox(reader, 100, ack_through=10 ** 9, now=now)
+            store.archive_room(rooms["done"], now)
+            events_before = {name: store.db.execute("SELECT COUNT(*) FROM events WHERE room_id=?", (room,)).fetchone()[0]
+                             for name, room in rooms.items()}
+            store.db.execute("BEGIN IMMEDIATE")     # one transaction, as the loop's batches are
+            for i in range(config.EVENTS_KEPT + 100):
+                store.record_event(rooms["loud"], "claimed", "loud", f"task #{i}", now)
+                store.send(operator["loud"], "loud", f"noise {i}", "info", None, now)
+            for i in range(3000):
+                store.record_counted(rooms["loud"], "forbidden", "loud", f"refusal {i}", now)
+            store.inbox(peers["loud"], 1, ack_through=10 ** 9, now=now)
+            store.db.execute("COMMIT")
+            store.prune(now)
+            for _ in range(20):
+                store.prune_step()
+            count = lambda sql, room: store.db.execute(sql, (room,)).fetchone()[0]
+            self.assertEqual(count("SELECT COUNT(*) FROM events WHERE room_id=?", rooms["quiet"]), events_before["quiet"])
+            self.assertEqual(count("SELECT COUNT(*) FROM events WHERE room_id=?", rooms["done"]), events_before["done"])
+            self.assertEqual(count("SELECT COUNT(*) FROM events WHERE room_id=?", rooms["loud"]), config.EVENTS_KEPT)
+            self.assertEqual(count("SELECT SUM(count) FROM events WHERE room_id=? AND kind='forbidden'", rooms["loud"]),
+                             3000, "a flood of refusals is one counted row a minute")
+            self.assertEqual(count("SELECT COUNT(*) FROM messages WHERE room_id=?", rooms["done"]), 150,
+                             "an archived room keeps its read messages")
+            self.assertLessEqual(count("SELECT COUNT(*) FROM messages WHERE room_id=?", rooms["loud"]), 101)
         finally:
             store.close()
 

@@ -214,6 +214,22 @@ class GrowthTest(unittest.TestCase):
         finally:
             broker.cleanup()
 
+    def test_a_peers_flood_of_refusals_is_counted_not_stored_row_by_row(self):
+        broker = BrokerProcess().start()
+        try:
+            broker.join("g-other", root=tempfile.mkdtemp())
+            flooder = broker.join("g-flood")
+            for _ in range(300):
+                self.assertEqual(flooder.call("POST", "/operator/pause", {})[0], 403)
+            rooms = {r["root"]: r["id"] for r in broker.rooms()}
+            events = broker.operator(rooms[os.path.realpath(ROOT)]).ok("GET", "/state")["events"]
+            refused = [e for e in events if e["actor"] == "g-flood" and e["kind"] == "forbidden"]
+            self.assertLessEqual(len(refused), 2, "one row a minute")
+            self.assertEqual(sum(e["count"] for e in refused), 300)
+            self.assertFalse([e for e in events if e["actor"] == "g-other"], "the other room's events stay its own")
+        finally:
+            broker.cleanup()
+
     def test_joins_are_rate_limited_per_room(self):
         broker = BrokerProcess(env={"CTL_JOIN_RATE": "5"}).start()
         try:
