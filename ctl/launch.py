@@ -206,8 +206,20 @@ def run_doctor(port: int, state_dir: str, args) -> int:
 
 
 def foreground(port: int, state_dir: str, args) -> int:
-    command = entry_command("broker")
-    os.execv(command[0], command + ["--port", str(port), "--state-dir", state_dir])
+    """The broker attached to this terminal (its log here), with the dashboard link once it answers."""
+    import subprocess
+    child = subprocess.Popen(entry_command("broker") + ["--port", str(port), "--state-dir", state_dir])
+    try:
+        deadline = time.monotonic() + 10
+        while child.poll() is None and not broker_running(port, state_dir) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if child.poll() is None:
+            print_link(port, state_dir, common.OPERATOR_TOKEN_FILE, "Dashboard (operator; keep the link private)")
+            sys.stdout.flush()
+        return child.wait()
+    except KeyboardInterrupt:
+        child.terminate()
+        return child.wait()
 
 
 ACTIONS = {   # option -> (what it does, handler(port, state_dir, args))
@@ -247,6 +259,9 @@ def main(argv=None) -> int:
         state_dir = common.resolve_state_dir(args.state_dir)
         handler = ACTIONS[chosen][1] if chosen else launch
         return handler(port, state_dir, args) or 0
+    except BrokenPipeError:                 # `--status | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (StateError, BrokerUnavailable, operations.OperationError, OSError) as exc:
         print(f"launch: {exc}", file=sys.stderr)
         return 1

@@ -3,6 +3,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import sqlite3
 import stat
@@ -13,7 +14,7 @@ import threading
 import time
 import unittest
 
-from helpers import ROOT, BrokerProcess, free_port
+from helpers import ROOT, BrokerProcess, ctl_common, free_port
 
 INSTALL = os.path.join(ROOT, "install.py")
 LAUNCH = os.path.join(ROOT, "launch.py")
@@ -215,6 +216,9 @@ class LaunchTest(unittest.TestCase):
             self.assertEqual(status.returncode, 0)
             self.assertIn("launched (architect, alive)", status.stdout)
             self.assertIn("Unread blockers: 0", status.stdout)
+            piped = subprocess.run(f"'{sys.executable}' '{LAUNCH}' --status | head -1", shell=True, env=env,
+                                   capture_output=True, text=True, timeout=60)
+            self.assertEqual(piped.stderr, "", "a reader that stops early is no error")
             with open(os.path.join(broker.state_dir, "broker.log")) as handle:
                 self.assertNotIn(token, handle.read(), "the operator token never reaches the log")
             stopped = launch("--stop")
@@ -222,6 +226,27 @@ class LaunchTest(unittest.TestCase):
             self.assertEqual(launch("--status").returncode, 1)
             self.assertIn("No broker", launch("--stop").stdout)
         finally:
+            broker.cleanup()
+
+
+class ForegroundTest(unittest.TestCase):
+    def test_foreground_prints_the_link_and_stops_with_its_broker(self):
+        broker = BrokerProcess(port=free_port())
+        proc = subprocess.Popen([sys.executable, LAUNCH, "--foreground"], env={**broker.env, "HOME": broker.tmp},
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        try:
+            line = proc.stdout.readline()
+            self.assertRegex(line, r"^Dashboard \(operator; keep the link private\): http://127\.0\.0\.1:\d+/#code=")
+            self.assertEqual(broker.request("GET", "/health")[0], 200)
+            proc.send_signal(signal.SIGINT)
+            proc.wait(15)
+            with self.assertRaises(ctl_common.BrokerUnavailable):
+                broker.request("GET", "/health", timeout=2)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            proc.stdout.close()
             broker.cleanup()
 
 
