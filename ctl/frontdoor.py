@@ -219,9 +219,10 @@ class Broker:
         if route.who == PUBLIC:
             return Actor("public")
         scheme, _, presented = req.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not presented.strip() or len(presented) > 600:
+        presented = presented.lstrip(" ")       # the spaces after the scheme are HTTP's; the token is exact
+        if scheme.lower() != "bearer" or not presented or len(presented) > 600:
             raise ApiError(401, "missing_token", "send 'Authorization: Bearer <token>'; join first to get one")
-        presented = presented.strip().encode("utf-8", "replace")
+        presented = presented.encode("utf-8", "replace")
         if route.who == JOINING:
             if not hmac.compare_digest(presented, self.join_secret):
                 raise ApiError(401, "bad_join_secret", "join needs the join secret from the state directory")

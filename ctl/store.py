@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from ctl.config import GONE_PEER_DAYS, LIMITS, TASK_STATUSES, Settings
 from ctl.common import StateError
 from ctl.errors import ApiError
-from ctl.names import RESERVED_SKELETONS, name_skeleton
+from ctl.names import name_skeleton, reads_as_authority
 from ctl.retention import Retention
 
 SCHEMA_VERSION = 3
@@ -503,11 +503,12 @@ class Store:
                 raise ApiError(409, "name_taken", f"{name} holds the architect seat: only its own session (with its "
                                                   "token) or the human can use that name; choose another name")
             skeleton = name_skeleton(name)
-            if skeleton in RESERVED_SKELETONS:
+            if reads_as_authority(name):
                 raise ApiError(400, "reserved_name", f"{name} is reserved; choose another name with join(name=...) "
                                                      "or CTL_NAME")
-            for other in self.db.execute("SELECT name FROM peers WHERE room_id=? AND name != ? AND status != 'left'",
-                                         (room_id, name)):
+            for other in self.db.execute("SELECT name FROM peers WHERE room_id=? AND name != ?", (room_id, name)):
+                # every peer the room has had, departed ones too: a look-alike must not squat a name its owner
+                # may come back to
                 if name_skeleton(other["name"]) == skeleton:
                     raise ApiError(409, "lookalike_name", f"{name} looks like the peer {other['name']} of this room; "
                                                           "choose a distinct name with join(name=...) or CTL_NAME")
@@ -575,9 +576,10 @@ class Store:
             self._event(peer["room_id"], now, "left", peer["name"], "claims and locks released")
 
     def heartbeat(self, peer, summary, reach, now: float) -> dict:
+        """Keeps the lease; in a stopped room the summary stays as it was (a stop freezes every agent change)."""
         with self.tx():
             self._touch(peer, now)
-            if summary is not None:
+            if summary is not None and self.room_state(peer["room_id"]) != "stopped":
                 self.db.execute("UPDATE peers SET summary=? WHERE id=?", (summary, peer["id"]))
                 self._changed()
             if reach is not None:

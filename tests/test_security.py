@@ -292,6 +292,9 @@ class ControlsTest(BrokerTestCase):
         for path in ("/tasks", "/peers", "/locks", "/memory", "/inbox"):
             self.assertEqual(worker.call("GET", path)[0], 200, path)
         self.assertEqual(worker.call("POST", "/heartbeat", {})[0], 200)
+        self.assertEqual(worker.call("POST", "/heartbeat", {"summary": "rewritten while stopped"})[0], 200)
+        self.assertNotIn("rewritten while stopped", [p["summary"] for p in worker.ok("GET", "/peers")["peers"]],
+                         "a heartbeat keeps the lease but changes nothing in a stopped room")
         operator.ok("POST", "/operator/kick", {"name": "c-work"})
         operator.ok("POST", "/operator/resume", {})
         status, data = self.broker.raw_join({"name": "c-work"})
@@ -371,10 +374,17 @@ class TokenTest(BrokerTestCase):
         for variant in (peer.token + "garbage", peer.token + "!", peer.token[:20] + "!" + peer.token[20:],
                         peer.token.replace("=", "") if "=" in peer.token else peer.token + "=="):
             self.assertEqual(self.broker.request("GET", "/peers", token=variant)[0], 401, variant[-12:])
-        for scheme in ("bearer", "BEARER", "Bearer"):
+        for scheme in ("bearer", "BEARER", "Bearer", "Bearer   "):
             answer = self.broker.raw(f"GET /peers HTTP/1.1\r\nHost: 127.0.0.1:{self.broker.port}\r\n"
                                      f"Authorization: {scheme} {peer.token}\r\n\r\n".encode())
             self.assertIn(b" 200 ", answer.split(b"\r\n")[0], scheme)
+        token = peer.token.encode()
+        padded = [token + c for c in (b"\x0b", b"\x0c", b"\x1c", b"\x1f", b"\xa0", b"\x85", b"\x00")]
+        padded += [c + token for c in (b"\x0b", b"\x0c", b"\xa0", b"\x1e")]
+        for spelling in padded:
+            answer = self.broker.raw(b"GET /peers HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nAuthorization: Bearer %s\r\n\r\n"
+                                     % (self.broker.port, spelling))
+            self.assertIn(b" 401 ", answer.split(b"\r\n")[0], spelling[:2] + spelling[-2:])
 
     def test_observer_tokens_are_random_per_state_directory(self):
         other = BrokerProcess().start()
@@ -463,8 +473,13 @@ class ValidationTest(BrokerTestCase):
             status, data = self.broker.raw_join({"name": "v-root", "root": bad_root})
             self.assertEqual((status, data["error"]["code"]), (400, "bad_root"), bad_root)
         self.broker.join("w1", root=root).ok("POST", "/leave", {})
-        status, _ = self.broker.raw_join({"name": "W1", "root": root})
-        self.assertEqual(status, 200, "a peer that left frees its name's look-alikes")
+        status, data = self.broker.raw_join({"name": "W1", "root": root})
+        self.assertEqual((status, data["error"]["code"]), (409, "lookalike_name"),
+                         "a look-alike cannot squat the name of a peer that left")
+        self.assertEqual(self.broker.raw_join({"name": "w1", "root": root})[0], 200, "its owner can come back")
+        for authority in ("op3rator", "syst3m", "the-operator", "claude", "anthropic", "Real_Admin", "0PENAI"):
+            status, data = self.broker.raw_join({"name": authority, "root": root})
+            self.assertEqual((status, data["error"]["code"]), (400, "reserved_name"), authority)
         ghost = BrokerProcess(env={"CTL_LEASE_SECONDS": "2"}).start()
         try:
             ghost.join("w1", root=root)
