@@ -14,6 +14,7 @@ code that the page trades for its token once (ctl/dashboard.py), and that is wor
 """
 import argparse
 import os
+import shlex
 import signal
 import sys
 import time
@@ -151,9 +152,10 @@ def launch(port: int, state_dir: str, args) -> int:
     found = registered_anywhere()
     if not found:
         print("\n!! No agent will talk to this broker yet: the MCP server is not registered with Claude Code."
-              f"\n!! Register it once:  {user_command('install')} --hooks" + (f" --port {port}" if port != common.DEFAULT_PORT else "")
-              + "\n!! (or install the plugin: claude plugin marketplace add <this checkout>; "
-              "claude plugin install ctl@control-tower-lite)")
+              f"\n!! Register it once:  {' '.join([user_command('install'), '--hooks', *map(shlex.quote, where)])}"
+              + ("\n!! (the plugin cannot: it always uses port 7878 and ~/.control-tower)" if where else
+                 "\n!! (or install the plugin: claude plugin marketplace add <this checkout>; "
+                 "claude plugin install ctl@control-tower-lite)"))
         return 0
     print(f"Registered with: {'; '.join(found)}.")
     print("Next: open Claude Code in each project; tell one session to join as the architect.")

@@ -198,6 +198,8 @@ class LaunchTest(unittest.TestCase):
             first = launch("--no-browser")
             self.assertEqual(first.returncode, 0, first.stderr)
             self.assertIn("Broker started", first.stdout)
+            self.assertIn(f"install.py --hooks --port {broker.port} --state-dir {broker.state_dir}", first.stdout)
+            self.assertIn("the plugin cannot: it always uses port 7878", first.stdout)
             pid = int(re.search(r"pid (\d+)", first.stdout).group(1))
             with open(f"/proc/{pid}/cmdline", "rb") as handle:
                 self.assertIn(b"broker.py", handle.read(), "the printed pid is the running broker's")
