@@ -151,6 +151,9 @@ def launch(port: int, state_dir: str, args) -> int:
         print_link(port, state_dir, common.OPERATOR_TOKEN_FILE, "Dashboard (operator; keep the link private)")
     found = registered_anywhere()
     if not found:
+        where = [] if port == common.DEFAULT_PORT else ["--port", str(port)]
+        if state_dir != common.resolve_state_dir(common.DEFAULT_STATE_DIR):
+            where += ["--state-dir", state_dir]
         print("\n!! No agent will talk to this broker yet: the MCP server is not registered with Claude Code."
               f"\n!! Register it once:  {' '.join([user_command('install'), '--hooks', *map(shlex.quote, where)])}"
               + ("\n!! (the plugin cannot: it always uses port 7878 and ~/.control-tower)" if where else
