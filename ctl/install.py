@@ -205,7 +205,8 @@ def change_file(path: str, edit, remove: bool, state_dir: str, mode=None) -> str
     if remove:
         if new == text:
             return f"not registered in {path}; nothing to remove"
-        if receipt and receipt["after"] == text:
+        exact = bool(receipt) and receipt["after"] == text and edit(path, receipt["before"]) == receipt["before"]
+        if exact:                                       # (a "before" that holds ours, put back by hand, is not)
             new = receipt["before"]
         elif receipt and receipt["before"] is None and (new or "").strip() in ("", "{}"):
             new = None                                  # a file we created, holding nothing else now
@@ -218,8 +219,7 @@ def change_file(path: str, edit, remove: bool, state_dir: str, mode=None) -> str
         for folder in (os.path.dirname(receipt_file), state_dir):       # leave no empty folder of ours behind
             if os.path.isdir(folder) and not os.listdir(folder):
                 os.rmdir(folder)
-        return f"removed from {path}" + (" (the file is back exactly as it was)" if receipt and receipt["after"] == text
-                                         else "")
+        return f"removed from {path}" + (" (the file is back exactly as it was)" if exact else "")
     if new == text:
         return f"already registered in {path}; nothing changed"
     made_dirs = []

@@ -1,0 +1,140 @@
+"""Conformance: the real Codex CLI (from npm) with our server and hooks, driven offline by a scripted stand-in
+for the OpenAI Responses API (a custom model provider on 127.0.0.1, streamed server-sent events).
+
+    python3 tests/conformance/codex_real.py CODEX_BIN_DIR
+
+A second session holds locked.txt. The model (our script) patches locked.txt, then free.txt, then ends its
+turn while a message waits. It must hold that: locked.txt is unchanged and the model was shown our one-line
+reason; free.txt is edited and locked for the session; the waiting message reached the model once, fenced;
+install.py --status is right about Codex's trust in the hooks. Exits non-zero on any failed check.
+"""
+import itertools
+import json
+import os
+import subprocess
+import sys
+
+from realcli import FREE_TEXT, LOCKED_TEXT, MESSAGE, Scene, StandIn, around, fenced, occurrences, sse
+
+PROMPT = "Update locked.txt and free.txt as planned, then stop."
+_ids = itertools.count(1)
+
+
+def patch(name: str, old: str, new: str) -> str:
+    return f"*** Begin Patch\n*** Update File: {name}\n@@\n-{old.rstrip()}\n+{new}\n*** End Patch\n"
+
+
+def response(*items) -> tuple:
+    """One streamed Responses API answer holding these output items."""
+    rid = f"resp_{next(_ids)}"
+    events = [("response.created", {"type": "response.created", "response": {"id": rid}})]
+    events += [("response.output_item.done", {"type": "response.output_item.done", "output_index": i, "item": item})
+               for i, item in enumerate(items)]
+    events.append(("response.completed", {"type": "response.completed", "response": {
+        "id": rid, "usage": {"input_tokens": 10, "input_tokens_details": None, "output_tokens": 5,
+                             "output_tokens_details": None, "total_tokens": 15}}}))
+    return "text/event-stream", sse(events)
+
+
+def apply_patch(text: str) -> dict:
+    n = next(_ids)
+    return {"type": "custom_tool_call", "id": f"ctc_{n}", "call_id": f"call_{n}", "name": "apply_patch",
+            "input": text, "status": "completed"}
+
+
+def say(text: str) -> dict:
+    return {"type": "message", "role": "assistant", "id": f"msg_{next(_ids)}",
+            "content": [{"type": "output_text", "text": text}]}
+
+
+def patch_model(codex: str, env: dict) -> str:
+    """A model Codex gives the freeform apply_patch tool among plain function tools (its catalog ships with the
+    CLI; a code-mode model would hide the tools behind a script runner)."""
+    listing = subprocess.run([codex, "debug", "models"], env=env, capture_output=True, text=True, timeout=60)
+    models = json.loads(listing.stdout)
+    models = models.get("models", models) if isinstance(models, dict) else models
+    found = next((m["slug"] for m in models if m.get("apply_patch_tool_type") == "freeform"
+                  and not m.get("tool_mode") and not m.get("use_responses_lite")), None)   # plain tools, full API
+    if found is None:
+        raise SystemExit("FAILED: no model in codex's catalog has the apply_patch tool")
+    return found
+
+
+def main(cli_bin: str) -> int:
+    codex = os.path.join(cli_bin, "codex")
+    scene = Scene("codex", cli_bin)
+    version = subprocess.run([codex, "--version"], env=scene.env, capture_output=True, text=True, timeout=60)
+    print(f"Codex CLI: {version.stdout.strip()}")
+
+    def script(request):
+        body = request["body"]
+        if not isinstance(body, dict) or "tools" not in body:
+            return response(say("ok"))                  # not the main loop (a title, a summary): a short text
+        turn = sum(1 for r in standin.requests if isinstance(r["body"], dict) and "tools" in r["body"])
+        if turn == 1:
+            return response(apply_patch(patch("locked.txt", LOCKED_TEXT, "overwritten by codex")))
+        if turn == 2:
+            return response(apply_patch(patch("free.txt", FREE_TEXT, "edited by codex")))
+        if turn == 3:
+            session = scene.peers()[0]
+            scene.holder.ok("POST", "/messages", {"to": session, "content": MESSAGE})
+            return response(say("Both files handled."))
+        return response(say("Noted the message."))
+
+    standin = StandIn(script).start()
+    try:
+        os.makedirs(os.path.join(scene.home, ".codex"))
+        with open(os.path.join(scene.home, ".codex", "config.toml"), "w") as handle:
+            handle.write(f'model = "{patch_model(codex, scene.env)}"\nmodel_provider = "standin"\n\n'
+                         f'[model_providers.standin]\nname = "standin"\n'
+                         f'base_url = "http://127.0.0.1:{standin.port}/v1"\nwire_api = "responses"\n'
+                         f'env_key = "STANDIN_API_KEY"\n\n'
+                         '[features]\nenable_request_compression = false\n\n')   # plain JSON bodies to read
+        scene.env["STANDIN_API_KEY"] = "dummy"
+        scene.run_install("--client", "codex", "--hooks")
+        status = scene.run_install("--status")
+        scene.check("trusted by Codex: 3 hooks will run" in status, "--status: the hooks are trusted and will run")
+        hooks_file = os.path.join(scene.home, ".codex", "hooks.json")
+        with open(hooks_file) as handle:
+            pristine = handle.read()
+        with open(hooks_file, "w") as handle:
+            handle.write(pristine.replace('"timeout": 10', '"timeout": 11', 1))
+        status = scene.run_install("--status")
+        scene.check("NOT RUNNING: Codex skips hooks it has not trusted (modified)" in status,
+                    "--status: a changed hook is reported as not running, with the fix")
+        scene.run_install("--client", "codex", "--hooks")      # the fix it names
+        scene.check("will run" in scene.run_install("--status"), "--status: trusted again after the fix")
+
+        run = subprocess.run([codex, "exec", "--skip-git-repo-check", "--dangerously-bypass-approvals-and-sandbox",
+                              "-C", scene.project, PROMPT], env=scene.env, cwd=scene.project,
+                             stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=240)
+        print(f"$ codex exec ... (exit {run.returncode})\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}")
+        main_loop = [r for r in standin.requests if isinstance(r["body"], dict) and "tools" in r["body"]]
+        print(f"stand-in: {len(standin.requests)} requests, {len(main_loop)} of the main loop")
+        for r in standin.requests:
+            shape = sorted(r["body"])[:12] if isinstance(r["body"], dict) else f"{str(r['body'])[:60]!r}"
+            print(f"  {r['path']} {shape} {r.get('error', '')}")
+        scene.check(run.returncode == 0, "codex exec finished")
+        scene.check(scene.read("locked.txt") == LOCKED_TEXT, "locked.txt is unchanged after the model's patch")
+        after_deny = json.dumps(main_loop[1]["body"]) if len(main_loop) > 1 else ""
+        scene.check("locked.txt is locked by holder for \\\"release branch\\\"" in after_deny,
+                    "the model was shown our one-line reason", after_deny[-600:])
+        scene.check(scene.read("free.txt").strip() == "edited by codex", "free.txt was edited")
+        lock = scene.locks().get("free.txt", {})
+        scene.check(lock.get("holder") in scene.peers() and lock.get("reason") == "auto: apply_patch",
+                    "free.txt is locked for the session (auto: apply_patch)", str(lock))
+        scene.check(occurrences(main_loop, MESSAGE) == 1, "the waiting message reached the model once",
+                    f"{occurrences(main_loop, MESSAGE)} times in the last request")
+        scene.check(fenced(main_loop, MESSAGE), "the message is fenced", around(main_loop, MESSAGE))
+        first = json.dumps(main_loop[0]["body"]) if main_loop else ""
+        scene.check("Control Tower Lite: you are" in first, "the SessionStart briefing reached the model")
+        scene.run_install("--client", "codex", "--uninstall")
+        left = open(hooks_file).read() if os.path.exists(hooks_file) else ""
+        scene.check("hook.py" not in left, "--uninstall removed our hooks", left)
+    finally:
+        standin.stop()
+    return scene.finish("Codex CLI stage")
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
