@@ -57,6 +57,9 @@ LIMITS = {"title": 200, "description": 4000, "content": 8000, "summary": 2000, "
           "tasks": 100_000, "memory_keys": 256,
           "live_peers": 128,         # live sessions in one room
           "locks_per_peer": 256,
+          "open_rooms": 256,         # rooms open at once; the operator archives done ones
+          "rooms_per_minute": 20,    # new rooms a minute, for every join secret holder together
+          "dependents": 500,         # tasks that may wait on one task, so completing it stays cheap
           "task_list": 20,           # tasks one page of list_tasks returns; the rest are counted and paged
           "dashboard_tasks": 200,    # tasks the dashboard draws; the rest are counted
           "unread_shown": 1000,      # the dashboard counts a peer's unread mail up to this, then says "1000+"

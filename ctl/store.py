@@ -276,6 +276,7 @@ class Store:
         self._load_rooms()
         self.limiter = RateLimiter(settings.rate_limit)
         self.join_limiter = RateLimiter(settings.join_rate, "joins")
+        self.room_limiter = RateLimiter(LIMITS["rooms_per_minute"], "new rooms")
         self.version = int(time.time() * 1000)   # bumps on every change the dashboard draws
         self.woken = set()                      # peer ids whose waiting reads should be retried
         self.unfolded = False                   # commits since the last checkpoint
@@ -384,6 +385,11 @@ class Store:
         if row is not None:
             return row
         taken = {r[0] for r in self.db.execute("SELECT name FROM rooms WHERE archived_at IS NULL")}
+        if len(taken) >= LIMITS["open_rooms"]:
+            raise ApiError(507, "too_many_rooms", f"{len(taken)} rooms are open, the most the broker keeps; "
+                                                  "ask the human to archive finished ones")
+        self.room_limiter.check("new", 1, now)
+        self.room_limiter.spend("new", 1, now)
         unique = name
         for n in itertools.count(2):
             if unique not in taken:
@@ -807,6 +813,7 @@ class Store:
         return self._task_views(room_id, [self._task(room_id, task_id)])[0]
 
     def _check_deps_exist(self, room_id: int, depends_on: list) -> None:
+        """Each dependency exists, and has room for one more task waiting on it (so completing it stays cheap)."""
         if not depends_on:
             return
         marks = ",".join("?" * len(depends_on))
@@ -816,6 +823,12 @@ class Store:
         if missing:
             raise ApiError(400, "unknown_dependency",
                            f"depends_on names unknown tasks {', '.join(f'#{d}' for d in missing)}")
+        full = [d for d in depends_on if self.db.execute(
+            "SELECT COUNT(*) FROM (SELECT 1 FROM task_deps WHERE room_id=? AND depends_on=? LIMIT ?)",
+            (room_id, d, LIMITS["dependents"])).fetchone()[0] >= LIMITS["dependents"]]
+        if full:
+            raise ApiError(507, "too_many_dependents", f"{LIMITS['dependents']} tasks already wait on "
+                           f"{', '.join(f'#{d}' for d in full)}; make them depend on an intermediate task")
 
     def _status_from_deps(self, room_id: int, task_id: int) -> str:
         return "blocked" if self._waiting_on(room_id, task_id) else "ready"

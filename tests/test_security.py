@@ -230,6 +230,30 @@ class GrowthTest(unittest.TestCase):
         finally:
             broker.cleanup()
 
+    def test_new_rooms_and_dependents_are_bounded(self):
+        broker = BrokerProcess().start()
+        try:
+            for i in range(20):
+                self.assertEqual(broker.raw_join({"name": "r-peer", "room": f"room-{i}"})[0], 200)
+            status, data = broker.raw_join({"name": "r-peer", "room": "room-20"})
+            self.assertEqual((status, data["error"]["code"]), (429, "rate_limited"))
+            self.assertIn("new rooms per minute", data["error"]["message"])
+            self.assertEqual(broker.raw_join({"name": "r-other", "room": "room-3"})[0], 200, "open rooms still join")
+            lead = broker.join("r-lead", role="architect", room="room-0")
+            root = lead.ok("POST", "/tasks", {"title": "everyone waits on this"})
+            for i in range(500):
+                lead.ok("POST", "/tasks", {"title": f"waiter {i}", "depends_on": [root["id"]]})
+            status, data = lead.call("POST", "/tasks", {"title": "one too many", "depends_on": [root["id"]]})
+            self.assertEqual((status, data["error"]["code"]), (507, "too_many_dependents"))
+            room = next(r["id"] for r in broker.rooms() if r["name"] == "room-0")
+            started = time.monotonic()
+            done = broker.operator(room).call("POST", "/tasks/complete", {"task_id": root["id"], "summary": "done"})
+            self.assertEqual(done[0], 200, done)
+            self.assertEqual(len(done[1]["unblocked"]), 500)
+            self.assertLess(time.monotonic() - started, 0.5)
+        finally:
+            broker.cleanup()
+
     def test_joins_are_rate_limited_per_room(self):
         broker = BrokerProcess(env={"CTL_JOIN_RATE": "5"}).start()
         try:
