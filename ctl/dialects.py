@@ -55,18 +55,14 @@ class Dialect:
     timeout_scale: int      # the client's unit of a hook timeout, in seconds (1000: milliseconds)
     hand_over: object = block_hand_over     # text -> the Stop answer that hands it to the model and goes on
 
-    def write_targets(self, tool: str, arguments: dict, cwd: str) -> list:
-        """The files this call will write, as given (relative ones are the caller's to resolve)."""
-        if tool in self.writers:
-            return self.writers[tool](arguments)
-        command = arguments.get(self.shells.get(tool, ""))
-        if not isinstance(command, str):
-            return []
-        try:
-            from ctl import shellwrites                 # only shell calls pay for the command parser
-        except ImportError:                             # the shell-write parser has not landed (issue 22)
-            return []
-        return shellwrites.write_targets(command, cwd)
+    def write_targets(self, tool: str, arguments: dict) -> list:
+        """The files this file tool will write, as given (relative ones are the caller's to resolve)."""
+        return self.writers[tool](arguments) if tool in self.writers else []
+
+    def shell_command(self, tool: str, arguments: dict):
+        """The command line of a shell tool's call (for shellwrites.write_targets), else None."""
+        command = arguments.get(self.shells[tool]) if tool in self.shells else None
+        return command if isinstance(command, str) else None
 
 
 def matcher(*tools) -> str:

@@ -82,7 +82,7 @@ def pre_tool_use(event: dict, peer: Peer) -> None:
     arguments = event.get("tool_input") if isinstance(event.get("tool_input"), dict) else {}
     root = peer.binding["root"]
     cwd = event.get("cwd") or root
-    for target in DIALECT.write_targets(tool, arguments, cwd):
+    for target in DIALECT.write_targets(tool, arguments):
         path = os.path.realpath(target if os.path.isabs(target) else os.path.join(cwd, target))
         inside = path.startswith(root.rstrip(os.sep) + os.sep)   # a file elsewhere is not ours to guard
         if inside and not guard(path, tool, peer):

@@ -14,19 +14,22 @@ PATCH = ("*** Begin Patch\n*** Update File: src/held.py\n@@\n-a\n+b\n*** Add Fil
 class WriteTargetsTest(unittest.TestCase):
     def test_apply_patch_names_every_file_it_touches(self):
         codex = dialects.CLIENTS["codex"]
-        self.assertEqual(codex.write_targets("apply_patch", {"command": PATCH}, "/p"),
+        self.assertEqual(codex.write_targets("apply_patch", {"command": PATCH}),
                          ["src/held.py", "new.py", "old.py", "moved.py", "renamed.py"])
-        self.assertEqual(codex.write_targets("apply_patch", {"command": "*** Update File:\n+x"}, "/p"), [])
-        self.assertEqual(codex.write_targets("apply_patch", {"command": 7}, "/p"), [])
-        self.assertEqual(codex.write_targets("read_file", {"file_path": "a"}, "/p"), [], "a reader writes nothing")
+        self.assertEqual(codex.write_targets("apply_patch", {"command": "*** Update File:\n+x"}), [])
+        self.assertEqual(codex.write_targets("apply_patch", {"command": 7}), [])
+        self.assertEqual(codex.write_targets("read_file", {"file_path": "a"}), [], "a reader writes nothing")
 
     def test_gemini_tools_and_claude_tools(self):
         gemini, claude = dialects.CLIENTS["gemini"], dialects.CLIENTS["claude"]
-        self.assertEqual(gemini.write_targets("write_file", {"file_path": "a.py", "content": "x"}, "/p"), ["a.py"])
-        self.assertEqual(gemini.write_targets("replace", {"file_path": "/p/b.py"}, "/p"), ["/p/b.py"])
-        self.assertEqual(gemini.write_targets("Edit", {"file_path": "a.py"}, "/p"), [], "not a Gemini tool")
-        self.assertEqual(claude.write_targets("NotebookEdit", {"notebook_path": "n.ipynb"}, "/p"), ["n.ipynb"])
-        self.assertEqual(claude.write_targets("Write", {"file_path": ["not", "a", "path"]}, "/p"), [])
+        self.assertEqual(gemini.write_targets("write_file", {"file_path": "a.py", "content": "x"}), ["a.py"])
+        self.assertEqual(gemini.write_targets("replace", {"file_path": "/p/b.py"}), ["/p/b.py"])
+        self.assertEqual(gemini.write_targets("Edit", {"file_path": "a.py"}), [], "not a Gemini tool")
+        self.assertEqual(claude.write_targets("NotebookEdit", {"notebook_path": "n.ipynb"}), ["n.ipynb"])
+        self.assertEqual(claude.write_targets("Write", {"file_path": ["not", "a", "path"]}), [])
+        self.assertEqual(gemini.shell_command("run_shell_command", {"command": "sed -i s/a/b/ x"}), "sed -i s/a/b/ x")
+        self.assertEqual(claude.shell_command("Bash", {"command": ["x"]}), None)
+        self.assertEqual(claude.shell_command("Edit", {"command": "x"}), None, "not a shell tool")
 
     def test_install_rows_use_each_clients_events_and_units(self):
         self.assertEqual(dialects.CLIENTS["gemini"].events["Stop"][0], "AfterAgent")
