@@ -248,11 +248,11 @@ class _Parser:
         stdin = None
         while True:
             self.skip_blank()
-            if self.at_command_end():
-                break
-            if in_test and (s.startswith(("&&", "||"), self.i) or s[self.i] in "<>"):
+            if in_test and (s.startswith(("&&", "||"), self.i) or s[self.i:self.i + 1] in ("<", ">")):
                 self.i += 1 if s[self.i] in "<>" else 2     # inside [[ ]]: part of the test
                 continue
+            if self.at_command_end():
+                break
             if s[self.i] == "(":
                 if words and s[self.i + 1:self.i + 2] == ")":
                     self.i += 2                     # `name()`: a function's body follows; read it as run
