@@ -238,7 +238,9 @@ class Broker:
         if actor.kind not in route.who:
             raise ApiError(403, "forbidden", f"{actor.kind} tokens may not call {req.method} {req.path}")
         if route.architect and actor.kind == "peer" and actor.role != "architect":
-            raise ApiError(403, "architect_only", "only the architect may do this; ask the architect, e.g. with send")
+            room = self.store.room(actor.room_id)
+            raise ApiError(403, "architect_only", f"only the architect may do this; {self.store.seat_text(room, time.time())}"
+                           + ('; ask them with send(to="architect")' if self.store.seat_holder(room) else ""))
         if not route.scoped:
             return
         if actor.peer is not None:

@@ -103,7 +103,7 @@ def show_room(room: dict) -> None:
     """One room in the terminal; every peer-set text escaped, so it cannot move the cursor or forge a line."""
     counts, info = room["tasks"]["counts"], room["room"]
     print(f"\nRoom {printable(info['name'])} ({printable(info['root'] or 'no project root')}): {info['state']}; "
-          f"architect: {printable(info['architect'] or 'none')}")
+          f"{printable(info['seat_text'])}")
     print(f"  Tasks: {counts['ready']} ready, {counts['claimed']} claimed, {counts['blocked']} blocked, "
           f"{counts['done']} done")
     for peer in room["peers"]:

@@ -563,9 +563,22 @@ class Store:
         seat = room["seat_peer"]
         if seat is None or (resumed_row is not None and resumed_row["id"] == seat):
             return role
-        holder = self.peer_by_id(seat) if seat else None
-        why = f"{holder['name']} holds the architect seat" if holder else "the human revoked the architect seat"
-        raise ApiError(409, "architect_seat_taken", f"{why}; join as a worker, or ask the human to hand the seat to you")
+        raise ApiError(409, "architect_seat_taken", f"{self.seat_text(room, time.time())}; join as a worker")
+
+    def seat_text(self, room, now: float) -> str:
+        """The one description of the seat every answer, the dashboard and `launch.py --status` give, with what
+        to do about it."""
+        holder = self.peer_by_id(room["seat_peer"]) if room["seat_peer"] else None
+        if room["seat_peer"] is None:
+            return 'nobody holds the architect seat yet: a session takes it with join(role="architect")'
+        if holder is None:
+            return ("nobody holds the architect seat (the human revoked it, or its holder left): only the human "
+                    "can hand it to a session, from the dashboard")
+        if self._is_alive(holder, now):
+            return f"{holder['name']} holds the architect seat"
+        return (f"{holder['name']} holds the architect seat, but its session is not running (last seen "
+                f"{time.strftime('%H:%M', time.localtime(holder['last_seen']))}); messages to it wait for its "
+                "return. Wait, or ask the human to hand the seat over, from the dashboard")
 
     def seat_holder(self, room) -> str:
         """The seat as the dashboard shows it: the holder's name, "" when revoked or vacated, None if never held."""
@@ -691,8 +704,8 @@ class Store:
             target = self.db.execute("SELECT * FROM peers WHERE room_id=? AND role='architect' AND status='active'",
                                      (room_id,)).fetchone()
             if target is None:
-                raise ApiError(404, "no_architect", "nobody holds the architect seat of this room; "
-                                                    "send to a peer by name or to \"*\"")
+                raise ApiError(404, "no_architect", f"{self.seat_text(room, now)}; meanwhile send to a peer by name "
+                                                    "or to \"*\"")
         else:
             target = self._peer_by_name(room_id, to)
             if target is None or target["status"] in ("kicked", "closed"):
@@ -1190,7 +1203,8 @@ class Store:
         architect = self._architect(room_id, now)
         view["room"] = {"id": room_id, "name": room["name"], "root": room["root"], "state": room["state"],
                         "archived": room["archived_at"] is not None, "seat": self.seat_holder(room),
-                        "architect": architect["name"] if architect else None}
+                        "architect": architect["name"] if architect else None,
+                        "seat_text": self.seat_text(room, now)}
         peers = self.db.execute("SELECT * FROM peers WHERE room_id=? AND status != 'left' ORDER BY id LIMIT 500",
                                 (room_id,)).fetchall()
         claims, locks, unread = {}, {}, {}

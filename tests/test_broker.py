@@ -6,6 +6,8 @@ import shutil
 import socket
 import sqlite3
 import stat
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -690,6 +692,37 @@ class DeadPeerTest(BrokerTestCase):
             time.sleep(0.5)
             alive.ok("POST", "/heartbeat", {})
         alive.ok("POST", "/tasks/complete", {"task_id": task["id"], "summary": "done while alive"})
+
+
+class SeatTextTest(unittest.TestCase):
+    def test_the_seat_is_described_one_way_everywhere(self):
+        broker = BrokerProcess(env={"CTL_LEASE_SECONDS": "2"}).start()
+        try:
+            lead, worker = broker.join("lead", role="architect"), broker.join("builder")
+            time.sleep(2.5)
+            worker.ok("POST", "/heartbeat", {})
+            said = "lead holds the architect seat, but its session is not running (last seen "
+            status, refused = broker.raw_join({"name": "planner", "role": "architect"})
+            self.assertEqual(status, 409)
+            self.assertIn(said, refused["error"]["message"])
+            self.assertIn("ask the human to hand the seat over", refused["error"]["message"])
+            self.assertEqual(worker.ok("POST", "/messages", {"to": "architect", "content": "stuck"})["delivered_to"],
+                             ["lead"], "mail to the seat waits in its holder's inbox")
+            status, data = worker.call("POST", "/tasks", {"title": "mine"})
+            self.assertEqual(status, 403)
+            self.assertIn(said, data["error"]["message"])
+            self.assertIn('ask them with send(to="architect")', data["error"]["message"])
+            state = broker.operator().ok("GET", "/state")["room"]
+            self.assertIn(said, state["seat_text"])
+            shown = subprocess.run([sys.executable, os.path.join(ROOT, "launch.py"), "--status"], env=broker.env,
+                                   capture_output=True, text=True, timeout=60).stdout
+            self.assertIn(said, shown)
+            broker.operator().ok("POST", "/operator/architect", {"name": None})
+            status, data = worker.call("POST", "/messages", {"to": "architect", "content": "anyone?"})
+            self.assertEqual(status, 404)
+            self.assertIn("only the human can hand it to a session", data["error"]["message"])
+        finally:
+            broker.cleanup()
 
 
 class DurabilityTest(unittest.TestCase):

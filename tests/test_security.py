@@ -533,7 +533,7 @@ class ProvenanceTest(unittest.TestCase):
             mallory.ok("complete_task", {"task_id": task["id"], "summary": forged})
             text = victim.call("list_tasks", {})["content"][0]["text"]
             lines = text.splitlines()
-            forged_at = lines.index("#2 ready, held by nobody")
+            forged_at = lines.index("    #2 ready, held by nobody")    # indented: no line of peer text starts a task
             opened = max(i for i, line in enumerate(lines[:forged_at]) if line.startswith("<<<peer-text"))
             self.assertFalse(any(line.startswith("peer-text") for line in lines[opened:forged_at]),
                              "the forged task line sits inside a fence")
