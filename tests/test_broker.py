@@ -773,7 +773,7 @@ class DurabilityTest(unittest.TestCase):
             jobs = [(s.token, "message", s.name) for s in senders] + \
                 [(architect.token, "task", f"task{i}") for i in range(2)] + \
                 [(architect.token, "memory", f"mem{i}") for i in range(2)]
-            threads = [threading.Thread(target=write, args=job) for job in jobs]
+            threads = [threading.Thread(target=write, args=job) for job in jobs] + [threading.Thread(target=read)]
             for thread in threads:
                 thread.start()
             time.sleep(1.5)
