@@ -17,7 +17,7 @@ from playwright.sync_api import sync_playwright
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, os.path.dirname(HERE))
-from helpers import BrokerProcess  # noqa: E402
+from helpers import BrokerProcess, free_port  # noqa: E402
 
 MARKUP = '<img src=x onerror="document.title=1"><b>bold</b>'
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -50,10 +50,15 @@ def seed(broker):
     return root
 
 
-def run_dashboard_checks(page, broker, rooms, shop, elsewhere, artifacts, problems):
-    """What the operator sees and does: the overview, one room, and Pause."""
+def run_dashboard_checks(page, broker, rooms, shop, elsewhere, finished, artifacts, problems):
+    """What the operator sees and does: the overview, one room, its events, and Pause."""
     overview = page.locator("#rooms").inner_text()
-    check(len(rooms) == 2 and all(name in overview for name in rooms), "the overview lists both rooms")
+    check(len(rooms) == 3 and all(name in overview for name in rooms.values()), "the overview lists every room")
+    archived, fresh = page.locator(f"#rooms tr[data-room='{finished}']"), page.locator(f"#rooms tr[data-room='{elsewhere}']")
+    check("(archived)" in archived.inner_text() and "archived " in archived.inner_text()
+          and "archived" not in fresh.inner_text() and "opened " in fresh.inner_text()
+          and "Archived rooms" in page.locator("#rooms tr.divider").inner_text(),
+          "an open and an archived room of one project are told apart")
     check("1/4" in page.locator(f"#rooms tr[data-room='{shop}']").inner_text(), "with tasks done of total")
     check(page.locator("#viewer").inner_text() == "operator", "the operator is named as such")
     page.screenshot(path=os.path.join(artifacts, "dashboard-rooms.png"), full_page=True)
@@ -78,6 +83,7 @@ def run_dashboard_checks(page, broker, rooms, shop, elsewhere, artifacts, proble
     check(page.locator("#blockers").is_visible() and page.locator("label[for=filter]").inner_text() == "Show messages of",
           "the filter is labelled and the blocker pill shows only with blockers")
     page.screenshot(path=os.path.join(artifacts, "dashboard.png"), full_page=True)
+    check_events(page, broker)
     pause = page.get_by_role("button", name="Pause").element_handle()
     seen_before = page.locator("tr[data-peer='tester'] td:nth-child(4)").inner_text()
     page.wait_for_timeout(2500)
@@ -95,12 +101,72 @@ def run_dashboard_checks(page, broker, rooms, shop, elsewhere, artifacts, proble
     page.screenshot(path=os.path.join(artifacts, "dashboard-paused.png"), full_page=True)
 
 
+def check_events(page, broker):
+    """A peer that comes and goes fills one folded row, not a screenful; the kind filter narrows the table."""
+    root = broker.operator(int(page.url.rsplit("=", 1)[1])).ok("GET", "/state")["room"]["root"]
+    for _ in range(5):
+        broker.join("flaky", root=root).ok("POST", "/leave", {})
+    page.locator("#events tr", has_text="×10").wait_for(timeout=10_000)
+    flaky = [row for row in page.locator("#events tr").all_inner_texts() if "flaky" in row]
+    check(len(flaky) == 1 and "joined / left" in flaky[0] and "×10" in flaky[0], "join/leave churn folds into one row")
+    page.select_option("#event-kinds", "quiet")
+    rows = page.locator("#events tr").all_inner_texts()
+    check(rows and not any("flaky" in row or "joined" in row for row in rows), "joins and leaves can be hidden")
+    page.select_option("#event-kinds", "work")
+    rows = page.locator("#events tr").all_inner_texts()
+    check(any("claimed" in row for row in rows) and not any("joined" in row for row in rows), "and one kind shown")
+    page.select_option("#event-kinds", "")
+    check("next tool call" not in page.locator("#peers").inner_text()
+          and "Gets messages" in page.locator("#peers-head").inner_text(), "how a peer hears of mail is said plainly")
+
+
+def check_narrow(context, broker, shop, artifacts):
+    """At 420 px every table stays inside its card and text wraps at spaces."""
+    narrow = context.new_page()
+    narrow.set_viewport_size({"width": 420, "height": 900})
+    narrow.goto(one_time_link(launch(broker, "--no-browser")))
+    narrow.wait_for_selector("#rooms tr[data-room]", timeout=10_000)
+    narrow.screenshot(path=os.path.join(artifacts, "dashboard-rooms-420.png"), full_page=True)
+    narrow.goto(narrow.url.split("#")[0] + f"#room={shop}")
+    narrow.wait_for_selector("tr[data-peer='tester']", timeout=10_000)
+    spills = narrow.evaluate("""() => [...document.querySelectorAll('section')].filter((card) => {
+        const box = card.getBoundingClientRect();
+        return [...card.querySelectorAll('table')].some((t) => t.getBoundingClientRect().right > box.right + 1);
+      }).map((card) => card.id)""")
+    check(not spills and narrow.evaluate("document.documentElement.scrollWidth <= window.innerWidth"),
+          f"at 420 px no table spills out of its card {spills or ''}")
+    wrap = narrow.evaluate("getComputedStyle(document.querySelector('#peers td.summary')).overflowWrap")
+    check(wrap == "break-word", "and words wrap whole, not mid-word")
+    narrow.screenshot(path=os.path.join(artifacts, "dashboard-420.png"), full_page=True)
+    narrow.close()
+
+
 def check_from_disk(context, broker, artifacts):
-    """dashboard.html opened straight from the checkout (file://): it cannot reach the API, and says how to open it."""
-    local = context.new_page()
-    local.goto("file://" + os.path.join(ROOT, "dashboard.html"))
-    check("launch.py" in local.locator("#gate").inner_text(), "opened from disk, it says how to open it")
-    local.close()
+    """dashboard.html opened straight from the checkout (file://): it finds the broker, cannot read it even with a
+    token, says how to open the dashboard, and goes on to a pasted one-time link."""
+    page = context.new_page()
+    page.goto("file://" + os.path.join(ROOT, "dashboard.html") + f"#port={broker.port}")
+    page.locator("#probe", has_text="answers on port").wait_for(timeout=10_000)
+    check("launch.py" in page.locator("#gate").inner_text() and page.locator("#app").is_hidden(),
+          "opened from disk, it finds the broker and says how to open the dashboard")
+    page.screenshot(path=os.path.join(artifacts, "dashboard-from-disk.png"), full_page=True)
+    read = page.evaluate("""([port, token]) => fetch(`http://127.0.0.1:${port}/rooms`,
+        { headers: { Authorization: `Bearer ${token}` } }).then(() => "read", () => "refused")""",
+                         [broker.port, broker.secret("operator.token")])
+    check(read == "refused", "a page from disk cannot read the API, even holding the operator token")
+    page.fill("#paste-link", "https://evil.example/#code=x")
+    page.click("#gate button")
+    check("not a dashboard link" in page.locator("#gate").inner_text(), "a pasted link of another shape is refused")
+    page.fill("#paste-link", one_time_link(launch(broker, "--no-browser")))
+    page.click("#gate button")
+    page.wait_for_selector("#rooms tr[data-room]", timeout=10_000)
+    check(page.url.startswith(f"http://127.0.0.1:{broker.port}/"), "a pasted one-time link opens the dashboard")
+    page.close()
+    nowhere = context.new_page()
+    nowhere.goto("file://" + os.path.join(ROOT, "dashboard.html") + f"#port={free_port()}")
+    nowhere.locator("#probe", has_text="Nothing answers").wait_for(timeout=10_000)
+    check(True, "with no broker, it says so and how to start one")
+    nowhere.close()
 
 
 def launch(broker, *args, browser=None):
@@ -160,9 +226,12 @@ def main():
         seed(broker)
         other = tempfile.mkdtemp(prefix="ctl-dash-other-")
         broker.join("solo", root=other, summary="another project entirely")
-        rooms = {r["name"]: r["id"] for r in broker.rooms()}
-        shop = next(room for name, room in rooms.items() if "other" not in name)
-        elsewhere = next(room for name, room in rooms.items() if "other" in name)
+        finished = next(r["id"] for r in broker.rooms() if "other" in r["name"])
+        broker.operator(finished).ok("POST", "/operator/archive")
+        broker.join("solo", root=other, summary="the same project, a fresh room")
+        rooms = {r["id"]: r["name"] for r in broker.rooms()}
+        shop = next(room for room, name in rooms.items() if "other" not in name)
+        elsewhere = next(room for room, name in rooms.items() if "other" in name and room != finished)
         secrets = [broker.secret("operator.token"), broker.secret("observer.token")]
         handoff_url, handoff_path, code = handed_file(broker)
         with sync_playwright() as pw:
@@ -185,7 +254,8 @@ def main():
             again.wait_for_selector("#gate:not([hidden])", timeout=10_000)
             check("already used" in again.locator("#gate").inner_text().lower(), "the same link cannot be used twice")
             again.close()
-            run_dashboard_checks(page, broker, rooms, shop, elsewhere, artifacts, problems)
+            run_dashboard_checks(page, broker, rooms, shop, elsewhere, finished, artifacts, problems)
+            check_narrow(context, broker, shop, artifacts)
             observer = context.new_page()
             observer.goto(one_time_link(launch(broker, "--observer")) + f"&room={shop}")
             observer.wait_for_selector("tr[data-peer='tester']", timeout=10_000)
