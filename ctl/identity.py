@@ -48,6 +48,20 @@ def process_start(pid: int):
     return int(fields[1]), int(fields[19])
 
 
+def agent_id() -> str:
+    """The same for every join of one agent process (this server's parent), different across agents and boots:
+    the broker keeps a kicked agent out under any name it picks. Same-user processes can forge it (SECURITY.md)."""
+    import hashlib
+    parent = os.getppid()
+    info = process_start(parent)
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as handle:
+            boot = handle.read().strip()
+    except OSError:
+        boot = ""
+    return hashlib.sha256(f"{parent}:{info[1] if info else ''}:{boot}".encode()).hexdigest()[:32]
+
+
 def ancestors(pid: int, depth: int = 12):
     """(pid, start time) of the process and its parents, nearest first."""
     while pid > 1 and depth > 0:

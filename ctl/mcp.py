@@ -76,6 +76,7 @@ class Session:
         self.push_enabled = False
         self.client_name = None     # from initialize's clientInfo
         self.join_socket = None     # where this session's hooks ask it to join
+        self.agent = identity.agent_id()
         self.binding = None
         self.joined = threading.Event()     # set once this session has a token
         self.lock = threading.RLock()
@@ -119,12 +120,12 @@ class Session:
             retry = not name and (explicit or not self.joined_once)
             candidates = [chosen] + ([f"{chosen[:29]}-{i}" for i in range(2, 10)] if retry else [])
             for candidate in candidates:
-                body = {"name": candidate, "summary": wanted_summary, "root": self.root}
+                body = {"name": candidate, "summary": wanted_summary, "root": self.root, "agent": self.agent}
                 if self.room_request:
                     body["room"] = self.room_request
                 if asked_role:
                     body["role"] = asked_role       # without one, a rejoin keeps the role the broker holds
-                if self.token and candidate == self.name and not self.ended:
+                if self.token:                  # resumes that peer; under another name, still says who it was
                     body["resume"] = self.token
                 status, data = self._join_request(body)
                 if status == 200:

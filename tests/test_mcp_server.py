@@ -252,6 +252,11 @@ class ToolsTest(McpTestCase):
         self.assertTrue(kicked["isError"])
         self.assertIn("removed this session", self.text(kicked))
         self.assertTrue(worker.call("join", {})["isError"], "a kicked session does not sneak back in")
+        renamed = worker.call("join", {"name": "obedient-again"})
+        self.assertTrue(renamed["isError"], "nor under another name")
+        self.assertIn("under any name", self.text(renamed))
+        op.ok("POST", "/operator/reset", {})
+        self.assertFalse(worker.call("join", {"name": "obedient-again"})["isError"], "until the human resets the room")
 
     def test_superseded_token_rejoins_transparently_and_renaming_leaves(self):
         op = self.broker.operator()
