@@ -15,6 +15,8 @@ import time
 import unittest
 
 from helpers import ROOT, BrokerProcess, ctl_common, free_port
+from ctl import dashboard  # noqa: E402  (helpers puts the checkout on the path)
+from ctl.errors import ApiError  # noqa: E402
 
 INSTALL = os.path.join(ROOT, "install.py")
 LAUNCH = os.path.join(ROOT, "launch.py")
@@ -324,6 +326,46 @@ class DashboardHandoffTest(unittest.TestCase):
         self.assertEqual(get("/", site="cross-site", mode="navigate", dest="iframe"), 403, "never framed")
         self.assertEqual(get("/rooms", **visit), 403, "API calls stay same-origin only")
         self.assertEqual(get("/health", **visit), 403)
+
+    def test_a_page_opened_from_disk_cannot_call_the_api_even_with_a_token(self):
+        token = self.broker.secret("operator.token")
+        for path in ("/rooms", "/health"):
+            answer = self.broker.raw(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{self.broker.port}\r\nOrigin: null\r\n"
+                                     f"Authorization: Bearer {token}\r\nConnection: close\r\n\r\n".encode())
+            self.assertTrue(answer.startswith(b"HTTP/1.1 403"), path)
+            self.assertNotIn(b"Access-Control-Allow-Origin", answer)
+
+
+class HandoffCodesTest(unittest.TestCase):
+    """The broker's one-time codes in process: they expire, they are few, and an expired file goes."""
+
+    def setUp(self):
+        self.folder = tempfile.mkdtemp(prefix="ctl-handoff-")
+        self.handoffs = dashboard.Handoffs(self.folder, 7878)
+
+    def tearDown(self):
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def code_of(self, link):
+        return link["url"].rsplit("#code=", 1)[1]
+
+    def test_a_code_expires_and_its_file_goes_with_it(self):
+        link = self.handoffs.mint("operator", 1000.0, write_file=True)
+        self.assertTrue(os.path.exists(link["file"]))
+        with self.assertRaises(ApiError) as caught:
+            self.handoffs.redeem(self.code_of(link), 1000.0 + dashboard.CODE_TTL)
+        self.assertEqual(caught.exception.status, 401)
+        self.assertFalse(os.path.exists(link["file"]))
+        fresh = self.handoffs.mint("observer", 2000.0, write_file=False)
+        self.assertEqual(self.handoffs.redeem(self.code_of(fresh), 2000.0 + dashboard.CODE_TTL - 1), "observer")
+
+    def test_unused_codes_are_capped(self):
+        for _ in range(dashboard.MAX_PENDING):
+            self.handoffs.mint("operator", 1000.0, write_file=False)
+        with self.assertRaises(ApiError) as caught:
+            self.handoffs.mint("operator", 1000.0, write_file=False)
+        self.assertEqual(caught.exception.status, 429)
+        self.handoffs.mint("operator", 1000.0 + dashboard.CODE_TTL, write_file=False)   # the old ones expired
 
 
 class LaunchTellsTheTruthTest(unittest.TestCase):
