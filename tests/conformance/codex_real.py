@@ -76,11 +76,13 @@ def main(cli_bin: str) -> int:
         if turn == 2:
             return response(apply_patch(patch("free.txt", FREE_TEXT, "edited by codex")))
         if turn == 3:
+            seen_locks.update(scene.locks())            # while the session lives (its auto locks go when it leaves)
             session = scene.peers()[0]
             scene.holder.ok("POST", "/messages", {"to": session, "content": MESSAGE})
             return response(say("Both files handled."))
         return response(say("Noted the message."))
 
+    seen_locks = {}
     standin = StandIn(script).start()
     try:
         os.makedirs(os.path.join(scene.home, ".codex"))
@@ -120,7 +122,7 @@ def main(cli_bin: str) -> int:
         scene.check("locked.txt is locked by holder for \\\"release branch\\\"" in after_deny,
                     "the model was shown our one-line reason", after_deny[-600:])
         scene.check(scene.read("free.txt").strip() == "edited by codex", "free.txt was edited")
-        lock = scene.locks().get("free.txt", {})
+        lock = seen_locks.get("free.txt", {})
         scene.check(lock.get("holder") in scene.peers() and lock.get("reason") == "auto: apply_patch",
                     "free.txt is locked for the session (auto: apply_patch)", str(lock))
         scene.check(occurrences(main_loop, MESSAGE) == 1, "the waiting message reached the model once",

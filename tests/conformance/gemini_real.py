@@ -65,6 +65,7 @@ def main(cli_bin: str) -> int:
                 answer = candidate(call("replace", file_path=free, old_string=FREE_TEXT.strip(),
                                         new_string="edited by gemini", instruction="edit the free file"))
             elif turn == 3:
+                seen_locks.update(scene.locks())        # while the session lives (its auto locks go when it leaves)
                 scene.holder.ok("POST", "/messages", {"to": scene.peers()[0], "content": MESSAGE})
                 answer = candidate({"text": "Both files handled."})
             else:
@@ -78,6 +79,7 @@ def main(cli_bin: str) -> int:
                               cwd=scene.project, stdin=subprocess.DEVNULL, capture_output=True, text=True,
                               timeout=timeout)
 
+    seen_locks = {}
     standin = StandIn(script).start()
     try:
         os.makedirs(os.path.join(scene.home, ".gemini"), exist_ok=True)       # gemini --version made it
@@ -107,7 +109,7 @@ def main(cli_bin: str) -> int:
         scene.check("locked.txt is locked by holder for \\\"release branch\\\"" in after_deny,
                     "the model was shown our one-line reason", after_deny[-600:])
         scene.check(scene.read("free.txt").strip() == "edited by gemini", "free.txt was edited (replace)")
-        lock = scene.locks().get("free.txt", {})
+        lock = seen_locks.get("free.txt", {})
         scene.check(lock.get("holder") in scene.peers() and lock.get("reason") == "auto: replace",
                     "free.txt is locked for the session (auto: replace)", str(lock))
         scene.check(occurrences(main_loop, MESSAGE) == 1, "the waiting message reached the model once",
