@@ -5,7 +5,7 @@ for the OpenAI Responses API (a custom model provider on 127.0.0.1, streamed ser
 
 A second session holds locked.txt. The model (our script) patches locked.txt, then free.txt, then ends its
 turn while a message waits. It must hold that: locked.txt is unchanged and the model was shown our one-line
-reason; free.txt is edited and locked for the session; the waiting message reached the model once, fenced;
+reason; free.txt is edited and locked for the session; the waiting message reached the model once, fenced; a tool result (list_tasks) reaches it as our text, not JSON;
 install.py --status is right about Codex's trust in the hooks. Exits non-zero on any failed check.
 """
 import itertools
@@ -75,14 +75,21 @@ def main(cli_bin: str) -> int:
             return response(apply_patch(patch("locked.txt", LOCKED_TEXT, "overwritten by codex")))
         if turn == 2:
             return response(apply_patch(patch("free.txt", FREE_TEXT, "edited by codex")))
-        if turn == 3:
-            seen_locks.update(scene.locks())            # while the session lives (its auto locks go when it leaves)
+        if turn == 3:                                   # Codex defers MCP tools behind its client-side search
+            return response({"type": "tool_search_call", "call_id": "search_1", "execution": "client",
+                             "arguments": {"query": "list_tasks"}, "status": "completed"})
+        if turn == 4:
+            found = next((t["name"] for t in body["input"][-1].get("tools", []) if t.get("type") == "namespace"), "")
+            return response({"type": "function_call", "id": "fc_list", "call_id": "call_list", "name": "list_tasks",
+                             "namespace": found, "arguments": "{}"})
+        if turn == 5:
+            seen.update(scene.locks(), session=scene.peers()[0])   # while it lives: its auto locks go with it
             session = scene.peers()[0]
             scene.holder.ok("POST", "/messages", {"to": session, "content": MESSAGE})
             return response(say("Both files handled."))
         return response(say("Noted the message."))
 
-    seen_locks = {}
+    seen = {}                                           # the locks and the session's name, seen mid-turn
     standin = StandIn(script).start()
     try:
         os.makedirs(os.path.join(scene.home, ".codex"))
@@ -122,12 +129,18 @@ def main(cli_bin: str) -> int:
         scene.check("locked.txt is locked by holder for \\\"release branch\\\"" in after_deny,
                     "the model was shown our one-line reason", after_deny[-600:])
         scene.check(scene.read("free.txt").strip() == "edited by codex", "free.txt was edited")
-        lock = seen_locks.get("free.txt", {})
-        scene.check(lock.get("holder") in scene.peers() and lock.get("reason") == "auto: apply_patch",
+        lock = seen.get("free.txt", {})
+        scene.check(lock.get("holder") == seen.get("session") and lock.get("reason") == "auto: apply_patch",
                     "free.txt is locked for the session (auto: apply_patch)", str(lock))
         scene.check(occurrences(main_loop, MESSAGE) == 1, "the waiting message reached the model once",
                     f"{occurrences(main_loop, MESSAGE)} times in the last request")
         scene.check(fenced(main_loop, MESSAGE), "the message is fenced", around(main_loop, MESSAGE))
+        listed = [item for r in main_loop for item in r["body"]["input"]
+                  if item.get("type") == "function_call_output" and item.get("call_id") == "call_list"][:1]
+        shown = json.dumps(listed[0]["output"]) if listed else ""
+        print(f"the model saw for list_tasks: {shown[:300]}")
+        scene.check("No open tasks" in shown and '{\\"' not in shown,
+                    "a tool result reaches the model as our text, not JSON", shown[:400])
         first = json.dumps(main_loop[0]["body"]) if main_loop else ""
         scene.check("Control Tower Lite: you are" in first, "the SessionStart briefing reached the model")
         scene.run_install("--client", "codex", "--uninstall")

@@ -6,7 +6,7 @@ for the Gemini API (GOOGLE_GEMINI_BASE_URL on 127.0.0.1, API-key auth with a dum
 A second session holds locked.txt. The model (our script) writes locked.txt with write_file, edits free.txt
 with replace, then ends its turn while a message waits. It must hold that: locked.txt is unchanged and the model
 was shown our one-line reason; free.txt is edited and locked for the session; the waiting message reached the
-model once, fenced; install.py --status is right about the folder's trust (Gemini CLI agrees). Exits non-zero
+model once, fenced; a tool result (list_tasks) reaches it as our text, not JSON; install.py --status is right about the folder's trust (Gemini CLI agrees). Exits non-zero
 on any failed check.
 """
 import json
@@ -65,7 +65,10 @@ def main(cli_bin: str) -> int:
                 answer = candidate(call("replace", file_path=free, old_string=FREE_TEXT.strip(),
                                         new_string="edited by gemini", instruction="edit the free file"))
             elif turn == 3:
-                seen_locks.update(scene.locks())        # while the session lives (its auto locks go when it leaves)
+                names = [d["name"] for t in body["tools"] for d in t.get("functionDeclarations", [])]
+                answer = candidate(call(next((n for n in names if n.endswith("list_tasks")), "list_tasks")))
+            elif turn == 4:
+                seen.update(scene.locks(), session=scene.peers()[0])   # while it lives: its auto locks go with it
                 scene.holder.ok("POST", "/messages", {"to": scene.peers()[0], "content": MESSAGE})
                 answer = candidate({"text": "Both files handled."})
             else:
@@ -79,7 +82,7 @@ def main(cli_bin: str) -> int:
                               cwd=scene.project, stdin=subprocess.DEVNULL, capture_output=True, text=True,
                               timeout=timeout)
 
-    seen_locks = {}
+    seen = {}                                           # the locks and the session's name, seen mid-turn
     standin = StandIn(script).start()
     try:
         os.makedirs(os.path.join(scene.home, ".gemini"), exist_ok=True)       # gemini --version made it
@@ -109,12 +112,16 @@ def main(cli_bin: str) -> int:
         scene.check("locked.txt is locked by holder for \\\"release branch\\\"" in after_deny,
                     "the model was shown our one-line reason", after_deny[-600:])
         scene.check(scene.read("free.txt").strip() == "edited by gemini", "free.txt was edited (replace)")
-        lock = seen_locks.get("free.txt", {})
-        scene.check(lock.get("holder") in scene.peers() and lock.get("reason") == "auto: replace",
+        lock = seen.get("free.txt", {})
+        scene.check(lock.get("holder") == seen.get("session") and lock.get("reason") == "auto: replace",
                     "free.txt is locked for the session (auto: replace)", str(lock))
         scene.check(occurrences(main_loop, MESSAGE) == 1, "the waiting message reached the model once",
                     f"{occurrences(main_loop, MESSAGE)} times in the last request")
         scene.check(fenced(main_loop, MESSAGE), "the message is fenced", around(main_loop, MESSAGE))
+        shown = json.dumps(main_loop[3]["body"]["contents"][-1]) if len(main_loop) > 3 else ""
+        print(f"the model saw for list_tasks: {shown[:300]}")
+        scene.check("No open tasks" in shown and '{\\"' not in shown.replace('{"', ""),
+                    "a tool result reaches the model as our text, not JSON", shown[:400])
         first = json.dumps(main_loop[0]["body"]) if main_loop else ""
         scene.check("Control Tower Lite: you are" in first, "the SessionStart briefing reached the model")
         settings = os.path.join(scene.home, ".gemini", "settings.json")
