@@ -174,6 +174,7 @@ class Park:
     peer_id: int
     deadline: float
     attempt: object           # attempt(final: bool) -> dict | None
+    broad: bool = False       # retried after every change of the store, not only on mail to its peer
 
 
 @dataclass(frozen=True)
@@ -253,7 +254,18 @@ def r_send(broker, actor, b):
 
 
 def r_inbox(broker, actor, q):
+    """Unread mail, waiting up to `wait` seconds for some. A session's idle waiter (hook.py Wait) also names
+    the room state it last told the model (`state`) and the ready tasks it knew of (`ready`): the read then
+    also answers when the room's state differs, or when more tasks are ready for this worker, who holds none."""
     peer_id = actor.peer["id"]
+    watches_room = q["state"] is not None or q["ready"] is not None
+
+    def news(peer, batch) -> bool:
+        if q["ready"] is not None:
+            batch["ready"] = broker.store.ready_for(peer)
+        if batch["messages"] or batch.get("ready", 0) > (q["ready"] or 0):
+            return True
+        return batch["room"] != q["state"] if watches_room else batch["room"] == "stopped"
 
     def attempt(final):
         peer = broker.store.peer_by_id(peer_id)
@@ -261,14 +273,14 @@ def r_inbox(broker, actor, q):
         if gone is not None:                    # kicked, archived or left while waiting: say so, do not wait on
             raise ApiError(401, *gone)
         batch = broker.store.inbox(peer, q["limit"])
-        return batch if batch["messages"] or final or batch["room"] == "stopped" else None
+        return batch if news(peer, batch) or final else None
 
     if actor.kind == "watch" and q["wait"]:
         broker.store.note_reach(actor.peer, "watcher")
     first = broker.store.inbox(actor.peer, q["limit"], q["ack"], time.time())
-    if first["messages"] or q["wait"] == 0 or first["room"] == "stopped":
+    if news(actor.peer, first) or q["wait"] == 0:
         return first
-    return Park(peer_id, time.monotonic() + q["wait"], attempt)
+    return Park(peer_id, time.monotonic() + q["wait"], attempt, watches_room)
 
 
 def r_ack(broker, actor, b):
@@ -356,6 +368,7 @@ SEND_SCHEMA = {"to": Field("target", required=True),
                "content": Field("text", required=True, limit=LIMITS["content"]),
                "category": Field("enum", choices=CATEGORIES, default="info")}
 REACHES = ("push", "watcher", "hooks", "tool")
+ROOM_STATES = ("running", "paused", "stopped")
 
 ROUTES = {
     ("GET", "/health"): Route(r_health, PUBLIC, {"challenge": Field("hex")}, scoped=False),
@@ -380,7 +393,7 @@ ROUTES = {
         "wait": Field("query_int", limit=MAX_WAIT_SECONDS, minimum=0, default=0),
         "limit": Field("query_int", limit=100, default=20),
         "ack": Field("query_int", limit=2**62),
-        "room": Field("enum", choices=ROOM_STATES),
+        "state": Field("enum", choices=ROOM_STATES),
         "ready": Field("query_int", limit=2**53, minimum=0)}),
     ("POST", "/inbox/ack"): Route(r_ack, INBOX_READERS, {"ids": Field("ids", required=True, limit=100)}, lossy=True),
     ("GET", "/receipts"): Route(r_receipts, PEER, {}),

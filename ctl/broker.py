@@ -108,6 +108,8 @@ class HttpLoop:
         self.connections = set()
         self.ready = {}             # connections with buffered bytes to parse in this iteration, in arrival order
         self.parked = {}            # peer id -> its connections waiting for mail, so a wake-up scans no others
+        self.broad = set()          # waiting reads that also watch the room: retried after any change
+        self.seen_version = broker.store.version
         self.request_timeout = broker.settings.request_timeout
         self.running = True
 
@@ -250,6 +252,8 @@ class HttpLoop:
             if isinstance(outcome, Park):   # parked before the wake-up: a send later in this batch finds them
                 conn.park = outcome
                 self.parked.setdefault(outcome.peer_id, set()).add(conn)
+                if outcome.broad:
+                    self.broad.add(conn)
         self._wake_parked()                 # the recipients hear first; the senders' answers follow
         elapsed = (time.perf_counter() - started) * 1000
         for (conn, req), outcome in zip(batch, outcomes):
@@ -366,17 +370,20 @@ class HttpLoop:
 
     def _wake_parked(self) -> None:
         store = self.broker.store
-        if not store.woken and not store.wake_everyone:
+        changed, self.seen_version = store.version != self.seen_version, store.version
+        if not store.woken and not store.wake_everyone and not (changed and self.broad):
             return
         woken, everyone = store.woken, store.wake_everyone
         store.woken, store.wake_everyone = set(), False
-        waiting = [conn for peer_id in (list(self.parked) if everyone else woken)
-                   for conn in self.parked.get(peer_id, ())]
+        waiting = {conn for peer_id in (list(self.parked) if everyone else woken) for conn in self.parked.get(peer_id, ())}
+        if changed:
+            waiting |= self.broad
         for conn in waiting:
             if conn.park is not None:
                 self._finish_park(conn, final=False)
 
     def _unpark(self, conn: Connection) -> None:
+        self.broad.discard(conn)
         waiting = self.parked.get(conn.park.peer_id, set())
         waiting.discard(conn)
         if not waiting:

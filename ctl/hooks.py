@@ -5,6 +5,9 @@
     hook.py Stop            before the model ends its turn: hand it unread messages (and the human's stop
                             or pause), fenced exactly as `check` shows them; remind an idle worker once
     hook.py SessionStart    a short briefing: room, role, who is here, claims, locks, unread count
+    hook.py Wait            Stop with asyncRewake: in the background, wait for what concerns the idle session
+                            (messages, the human's pause/stop/archive, a task ready for an idle worker) and
+                            wake the model with it (exit 2, the same fenced text); CTL_WAKE=never turns it off
     hook.py git-pre-commit  refuse a commit that touches files other peers have locked
 
 `--client codex|gemini` speaks that client's dialect (its tools, its form of a refusal: dialects.py).
@@ -242,9 +245,206 @@ def git_pre_commit(state_dir: str, port: int) -> int:
     return 1
 
 
+# ---------------------------------------------------------------- Wait: waking an idle session
+
+
+WAKE_SETTING = "CTL_WAKE"       # "never" in the session's environment: no waiter, the session is not woken
+WAIT_LIFETIME = 86000           # seconds; hooks.json gives the CLI's hard limit (86400) a little room
+POLL_SECONDS = 50               # one long poll (the broker allows 60); the loop simply asks again
+RETRY_SECONDS = 5               # the broker is down or restarting: ask again this much later
+ROOM_STATES = ("running", "paused", "stopped")
+WAKE_NOTICE = {**ROOM_NOTICE,
+               "running": "RESUMED: the human resumed the room; carry on with your work.",
+               "archived": "ARCHIVED: the human archived this room; the team is done. Stop here."}
+
+
+class Handover:
+    """A per-session file lock: whoever holds it reads, hands over and acknowledges messages alone (the
+    Stop hook or the waiter), so nothing is handed over twice. The file names the one waiter that may
+    still wake the session: the newest one, since every turn end starts another."""
+
+    def __init__(self, peer: Peer):
+        self.path = peer.memo_path()[:-len(".memo.json")] + ".wait"
+
+    def __enter__(self):
+        import fcntl
+        self.handle = open(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600), "r+")
+        fcntl.flock(self.handle, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.close()                 # closing releases the lock
+
+    def waiter(self) -> str:
+        self.handle.seek(0)
+        return self.handle.read().strip()
+
+    def name_waiter(self, token: str) -> None:
+        self.handle.seek(0)
+        self.handle.truncate()
+        self.handle.write(token)
+        self.handle.flush()
+
+
+def handing_over(handler):
+    """The Stop hook's hand-over, made exclusive with the waiter's (see Handover)."""
+    def run(event: dict, peer: Peer):
+        with Handover(peer):
+            return handler(event, peer)
+    return run
+
+
+def runs_in_background(agent_pid: int) -> bool:
+    """Whether the CLI backgrounds an asyncRewake hook: not in -p mode, unless it reads stream-json on stdin.
+    A waiter it does not background would hold every turn end of a -p run until its timeout."""
+    try:
+        with open(f"/proc/{agent_pid}/cmdline", "rb") as handle:
+            args = handle.read().decode(errors="replace").split("\0")
+    except OSError:
+        return False
+    printing = "-p" in args or "--print" in args
+    streaming = "--input-format=stream-json" in args or any(
+        a == "--input-format" and b == "stream-json" for a, b in zip(args, args[1:]))
+    return not printing or streaming
+
+
+def retire(previous: str, binding: dict) -> None:
+    """Ask the waiter this one replaces to go now (it would also find itself replaced when it next looks):
+    only a process of this same session's hooks, so a reused pid is never signalled."""
+    import signal
+    try:
+        pid = int(previous.split("-")[0])
+    except ValueError:
+        return
+    if pid == os.getpid() or (binding["agent_pid"], binding["agent_start"]) not in identity.ancestors(pid):
+        return
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            if b"\0Wait" not in handle.read():
+                return
+        os.kill(pid, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+def end_with_session(agent_pid: int) -> None:
+    """The waiter ends when its Claude Code process does (a background thread watches it)."""
+    import select
+    import threading
+
+    def watch():
+        try:
+            fd = os.pidfd_open(agent_pid)
+        except (AttributeError, OSError):
+            fd = None
+        while True:
+            if fd is not None:
+                select.select([fd], [], [])
+            else:
+                time.sleep(RETRY_SECONDS)
+            if fd is not None or identity.process_start(agent_pid) is None:
+                os._exit(0)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def wake_text(batch: dict, memo: dict, known_ready: int):
+    """What the idle model must hear now, or None: the room's new state, messages, newly ready tasks."""
+    parts = []
+    room, told = batch["room"], memo["told_room"]
+    if room != told and room in WAKE_NOTICE and (room != "running" or told in ROOM_NOTICE):
+        parts.append(WAKE_NOTICE[room])
+    if batch["messages"]:
+        parts.append(f"While you were idle, {len(batch['messages'])} message(s) arrived from your team "
+                     "(now marked read):\n" + render_messages(batch["messages"]))
+    if batch.get("ready", 0) > known_ready:
+        parts.append(f"{batch['ready']} task(s) are ready and you hold none: call claim_task to take the next one "
+                     "(or tell the human why not).")
+    return "\n\n".join(parts) or None
+
+
+def wake(text: str) -> int:
+    """Exit code 2 with the text on stderr: Claude Code wakes the model with it."""
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+    return 2
+
+
+def look(peer: Peer, known_ready):
+    """Under the Handover lock: wake now (an exit code), or what to wait for (the long poll's query string
+    and the ready count it knows), or (None, None, known_ready) to ask again later."""
+    memo = peer.memo()
+    status, batch = peer.call("GET", "/inbox?limit=20&ready=0")
+    if status == 401:
+        if batch.get("error", {}).get("code") != "room_archived" or memo.get("told_room") == "archived":
+            return 0, None, known_ready
+        memo["told_room"] = "archived"
+        peer.remember(memo)
+        return wake(WAKE_NOTICE["archived"]), None, known_ready
+    if status != 200:
+        return None, None, known_ready
+    if known_ready is None:                                 # the first look: what is known now is no news
+        known_ready = batch["ready"]
+        if "told_room" not in memo:
+            memo["told_room"] = batch["room"]
+            peer.remember(memo)
+    text = wake_text(batch, memo, known_ready)
+    if text:
+        memo["told_room"] = batch["room"]
+        peer.remember(memo)
+        code = wake(text)
+        if batch["messages"]:                               # handed over: only now are they read
+            peer.call("POST", "/inbox/ack", {"ids": [m["delivery_id"] for m in batch["messages"]]})
+        return code, None, known_ready
+    told = memo.get("told_room") if memo.get("told_room") in ROOM_STATES else batch["room"]
+    return None, f"/inbox?limit=20&wait={POLL_SECONDS}&state={told}&ready={known_ready}", known_ready
+
+
+def wait(event: dict, peer: Peer) -> int:
+    """Stop, run with asyncRewake: wait in the background for what concerns this session, and wake it.
+
+    What is unread when the turn ends is handed over by whichever of the Stop hook and this waiter
+    takes the Handover lock first, so each message reaches the model once. Decisions are made under the
+    lock from a fresh read; the long poll in between only says when to look again, and costs nothing."""
+    import secrets
+    import signal
+    binding = peer.binding
+    if os.environ.get(WAKE_SETTING, "").strip().lower() == "never" or not runs_in_background(binding["agent_pid"]):
+        return 0
+    me = f"{os.getpid()}-{secrets.token_hex(4)}"
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))   # replaced, or the session ends: quietly
+    with Handover(peer) as slot:
+        retire(slot.waiter(), binding)
+        slot.name_waiter(me)
+    end_with_session(binding["agent_pid"])
+    deadline = time.monotonic() + WAIT_LIFETIME
+    known_ready = None
+    while time.monotonic() < deadline:
+        fresh = identity.find_binding(peer.state_dir)
+        if fresh is None:
+            return 0                                        # the session's MCP server is gone
+        peer.binding, peer.client.token = fresh, fresh["token"]     # tokens are renewed as they age
+        code = watch = None
+        try:
+            with Handover(peer) as slot:
+                if slot.waiter() != me:
+                    return 0                                # a newer waiter took over: it wakes the session
+                code, watch, known_ready = look(peer, known_ready)
+            if code is not None:
+                return code
+            if watch is not None:
+                status, _ = peer.client.request("GET", watch, timeout=POLL_SECONDS + 10)
+                if status in (200, 401):
+                    continue
+        except BrokerUnavailable:
+            pass
+        time.sleep(RETRY_SECONDS)                           # never a busy loop, whatever the broker says
+    return 0
+
+
 # ---------------------------------------------------------------- entry point
 
-EVENTS = {"PreToolUse": pre_tool_use, "Stop": stop, "SessionStart": session_start}
+EVENTS = {"PreToolUse": pre_tool_use, "Stop": handing_over(stop), "SessionStart": session_start, "Wait": wait}
 
 
 def find_peer(state_dir: str, wait: float):
@@ -289,7 +489,7 @@ def main(argv=None) -> int:
         if peer is None or not isinstance(event, dict):
             return 0                                        # not a coordinated session: nothing to do
         try:
-            EVENTS[argv[0]](event, peer)
+            code = EVENTS[argv[0]](event, peer)
         finally:
             peer.client.close()
     except Exception as exc:                # a hook never breaks the session: it fails open, visibly
@@ -298,7 +498,7 @@ def main(argv=None) -> int:
         elif not isinstance(exc, (BrokerUnavailable, StateError, OSError)):
             print(f"ctl hook: {exc!r}", file=sys.stderr)
         return 0
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

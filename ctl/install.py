@@ -36,6 +36,9 @@ HOOK_EVENTS = {         # event -> matcher (None: every occurrence)
     "Stop": None,
     "SessionStart": None,
 }
+BACKGROUND_HOOKS = {    # Claude Code only: our hook -> (its event, what the hook entry adds)
+    "Wait": ("Stop", {"asyncRewake": True, "timeout": 86400}),     # wakes an idle session (hooks.py Wait)
+}
 GIT_GUARD_MARK = "# control-tower-lite git guard"
 try:
     import tomllib
@@ -313,7 +316,8 @@ def settings_path(args) -> str:
 def hook_events(client: str) -> dict:
     """Our hook -> (the client's event, its matcher): Claude Code's list here, the others' in dialects.py."""
     if client == "claude":
-        return {event: (event, matcher) for event, matcher in HOOK_EVENTS.items()}
+        return {**{event: (event, matcher) for event, matcher in HOOK_EVENTS.items()},
+                **{ours: (event, None) for ours, (event, _) in BACKGROUND_HOOKS.items()}}
     return dialects.CLIENTS[client].events
 
 
@@ -327,11 +331,15 @@ def hooks_edit(args):
     scale = dialects.CLIENTS[args.client].timeout_scale
 
     def update(hooks):
+        events = {}                     # the client's event -> our hooks on it (Stop has two)
         for ours, (event, matcher) in hook_events(args.client).items():
+            events.setdefault(event, []).append((ours, matcher))
+        for event, entries in events.items():
             groups = [g for g in hooks.get(event, []) if not is_ours(g)]
-            if not args.uninstall:
-                group = {"hooks": [{"type": "command", "command": hook_command(args, ours), "timeout": 10 * scale}]}
-                groups.append({"matcher": matcher, **group} if matcher else group)
+            for ours, matcher in entries if not args.uninstall else ():
+                hook = {"type": "command", "command": hook_command(args, ours), "timeout": 10 * scale,
+                        **BACKGROUND_HOOKS.get(ours, (None, {}))[1]}
+                groups.append({"matcher": matcher, "hooks": [hook]} if matcher else {"hooks": [hook]})
             if groups:
                 hooks[event] = groups
             else:
@@ -417,8 +425,10 @@ def codex_hooks(folder: str, timeout: float = 30.0) -> list:
                 if reply.get("id") == 2:
                     if "result" not in reply:
                         raise InstallError(f"codex app-server refused hooks/list: {reply.get('error')}")
+                    mine = os.path.realpath(home(*HOOK_FILES["codex"]))     # never a project's own hooks.json
                     return [hook for entry in reply["result"]["data"] for hook in entry["hooks"]
-                            if re.search(r"(hook\.py|ctl\.hooks|ctl-hook)\b", hook.get("command") or "")]
+                            if os.path.realpath(hook.get("sourcePath") or "") == mine
+                            and re.search(r"(hook\.py|ctl\.hooks|ctl-hook)\b", hook.get("command") or "")]
         raise InstallError("codex app-server did not list its hooks in time")
     except (OSError, ValueError) as exc:
         raise InstallError(f"codex app-server: {exc}")
@@ -491,8 +501,9 @@ def gemini_trust_edit(folder: str, trust: bool):
 
 def trust_codex_hooks(args, config_path: str, state_dir: str) -> str:
     """Record Codex's trust in exactly the hooks just written (it skips untrusted hooks without a word)."""
+    written = {hook_command(args, ours) for ours in hook_events("codex")}
     try:
-        hooks = codex_hooks(project_dir(args))
+        hooks = [h for h in codex_hooks(project_dir(args)) if h["command"] in written]   # exactly ours, no other
     except InstallError as exc:
         return (f"Codex's trust in the hooks NOT recorded ({exc}): until you approve them in codex with /hooks, "
                 "Codex skips them")

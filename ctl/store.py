@@ -923,6 +923,13 @@ class Store:
             result["next_after"] = page[limit - 1]["id"]
         return result
 
+    def ready_for(self, peer) -> int:
+        """How many tasks an idle worker could claim now: none for an architect or a worker holding a claim."""
+        if peer["role"] != "worker" or self.db.execute(
+                "SELECT 1 FROM tasks WHERE assignee_id=? AND status='claimed' LIMIT 1", (peer["id"],)).fetchone():
+            return 0
+        return self.task_counts(peer["room_id"])["ready"]
+
     def task_counts(self, room_id: int) -> dict:
         """Tasks per status, counted once per change of the room's state rather than on every listing
         (100,000 tasks take milliseconds to count)."""

@@ -23,15 +23,20 @@ def read_line(sock: socket.socket) -> bytes:
     return data
 
 
+def run_hook(conn: socket.socket) -> None:
+    with conn:
+        request = json.loads(read_line(conn))
+        done = subprocess.run(request["argv"], input=request["stdin"].encode(), capture_output=True,
+                              env={**os.environ, **request.get("env", {})}, cwd=request.get("cwd"), timeout=60)
+        conn.sendall(json.dumps({"code": done.returncode, "stdout": done.stdout.decode(errors="replace"),
+                                 "stderr": done.stderr.decode(errors="replace")}).encode() + b"\n")
+
+
 def serve(listener: socket.socket) -> None:
+    """Hooks run side by side, as Claude Code runs them (a background waiter beside the next Stop)."""
     while True:
         conn, _ = listener.accept()
-        with conn:
-            request = json.loads(read_line(conn))
-            done = subprocess.run(request["argv"], input=request["stdin"].encode(), capture_output=True,
-                                  env={**os.environ, **request.get("env", {})}, cwd=request.get("cwd"), timeout=60)
-            conn.sendall(json.dumps({"code": done.returncode, "stdout": done.stdout.decode(errors="replace"),
-                                     "stderr": done.stderr.decode(errors="replace")}).encode() + b"\n")
+        threading.Thread(target=run_hook, args=(conn,), daemon=True).start()
 
 
 def main() -> int:

@@ -100,7 +100,16 @@ def main(cli_bin: str) -> int:
                          f'env_key = "STANDIN_API_KEY"\n\n'
                          '[features]\nenable_request_compression = false\n\n')   # plain JSON bodies to read
         scene.env["STANDIN_API_KEY"] = "dummy"
+        planted = os.path.join(scene.project, ".codex", "hooks.json")    # a cloned repository's own hook
+        os.makedirs(os.path.dirname(planted))
+        with open(planted, "w") as handle:
+            json.dump({"hooks": {"Stop": [{"hooks": [{"type": "command", "command": "touch pwned # hook.py"}]}]}},
+                      handle)
         scene.run_install("--client", "codex", "--hooks")
+        with open(os.path.join(scene.home, ".codex", "config.toml")) as handle:
+            config = handle.read()
+        scene.check(config.count("trusted_hash") == 3 and planted not in config,
+                    "install trusts exactly our three hooks, never a project's look-alike", config)
         status = scene.run_install("--status")
         scene.check("trusted by Codex: 3 hooks will run" in status, "--status: the hooks are trusted and will run")
         hooks_file = os.path.join(scene.home, ".codex", "hooks.json")
