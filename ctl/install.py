@@ -707,7 +707,8 @@ def main(argv=None) -> int:
             outcome = change_file(trust_file, gemini_trust_edit(folder, not args.uninstall), args.uninstall,
                                   state_dir, 0o600)
             print(f"Control Tower Lite: {folder} {'no longer trusted' if args.uninstall else 'trusted'} by Gemini "
-                  f"CLI ({outcome}).")
+                  f"CLI ({outcome})." + ("" if args.uninstall else " Trust also lets that folder's own .gemini "
+                                         "settings, hooks and .env apply: trust only projects you would run."))
             return 0
         command = server_command(args)
         path = target_path(args)
