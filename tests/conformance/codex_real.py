@@ -3,10 +3,11 @@ for the OpenAI Responses API (a custom model provider on 127.0.0.1, streamed ser
 
     python3 tests/conformance/codex_real.py CODEX_BIN_DIR
 
-A second session holds locked.txt. The model (our script) patches locked.txt, then free.txt, then ends its
-turn while a message waits. It must hold that: locked.txt is unchanged and the model was shown our one-line
-reason; free.txt is edited and locked for the session; the waiting message reached the model once, fenced; a tool result (list_tasks) reaches it as our text, not JSON;
-install.py --status is right about Codex's trust in the hooks. Exits non-zero on any failed check.
+A second session holds locked.txt. The model (our script) patches locked.txt, then free.txt, lists the tasks
+(finding the tool through Codex's tool search), then ends its turn while a message waits. It must hold that:
+locked.txt is unchanged and the model was shown our one-line reason; free.txt is edited and locked for the
+session; the tool result reached the model as our text, not JSON; the waiting message reached it once, fenced;
+install.py trusts exactly our hooks and --status is right about that trust. Exits non-zero on a failed check.
 """
 import itertools
 import json

@@ -4,10 +4,10 @@ for the Gemini API (GOOGLE_GEMINI_BASE_URL on 127.0.0.1, API-key auth with a dum
     python3 tests/conformance/gemini_real.py GEMINI_BIN_DIR
 
 A second session holds locked.txt. The model (our script) writes locked.txt with write_file, edits free.txt
-with replace, then ends its turn while a message waits. It must hold that: locked.txt is unchanged and the model
-was shown our one-line reason; free.txt is edited and locked for the session; the waiting message reached the
-model once, fenced; a tool result (list_tasks) reaches it as our text, not JSON; install.py --status is right about the folder's trust (Gemini CLI agrees). Exits non-zero
-on any failed check.
+with replace, lists the tasks, then ends its turn while a message waits. It must hold that: locked.txt is
+unchanged and the model was shown our one-line reason; free.txt is edited and locked for the session; the tool
+result reached the model as our text, not JSON; the waiting message reached it once, fenced; install.py --status
+is right about the folder's trust (Gemini CLI agrees). Exits non-zero on any failed check.
 """
 import json
 import os
