@@ -43,4 +43,6 @@ status=0
 timeout 600 python3 "$checkout/tests/conformance/claude_real.py" --claude "$(command -v claude)" || status=1
 timeout 300 python3 "$checkout/tests/conformance/claude_real.py" --claude "$work/claude-oldest/node_modules/.bin/claude" \
   --mode install || status=1
+command -v tmux >/dev/null || { apt-get update -qq && apt-get install -y -qq tmux >/dev/null; }   # the idle wake runs interactively
+timeout 300 python3 "$checkout/tests/conformance/claude_idle_wake.py" --claude "$(command -v claude)" || status=1
 [ "$status" = 0 ] || fail "Claude Code sessions: see the FAIL lines above (what the model was shown)"
