@@ -1,8 +1,8 @@
 """The real Claude Code CLI, driven offline by the scripted Messages API stand-in: what the model is shown.
 
-    python3 tests/conformance/claude_real.py [--claude PATH] [--mode plugin|install ...] [--keep]
+    python3 tests/conformance/claude_real.py [--claude PATH] [--mode plugin|install ...] [--scenario NAME ...] [--keep]
 
-For each registration mode (the plugin, and `install.py --hooks`) three sessions run at once in one git project:
+Scenario "team", for each registration mode (the plugin, and `install.py --hooks`): three sessions at once in one git project:
 alice (the architect), bob and carol (workers), each `claude -p ... --output-format stream-json --verbose` in a fresh
 HOME with its own broker port and state directory. Their scripts are ordered by events (a tool result recorded by the
 stand-in, a peer in the broker), never by sleeps. The checks read the requests the CLI sent: the SessionStart
@@ -173,10 +173,14 @@ class Team:
                 shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-# ---------------------------------------------------------------- the scenario
+# ---------------------------------------------------------------- scenarios
+#
+# A scenario is two functions: sessions(team, seen) -> {name: (role, steps)}, the scripts of sessions that run at once
+# in one project, and verify(team, label, seen, checks, findings), which reads what the CLI sent. `seen` carries
+# facts the scripts noted on the way (broker state at a given step). Add one to SCENARIOS to run it in every mode.
 
 
-def scripts(team: Team, seen: dict) -> dict:
+def team_sessions(team: Team, seen: dict) -> dict:
     """alice plans and holds locked.txt; bob reads, is refused, edits a free file, works a task; carol idles."""
     st = team.standin
     recorded = lambda session, tool, nth=0: (lambda: st.tool_result(session, tool, nth) is not None)  # noqa: E731
@@ -194,7 +198,7 @@ def scripts(team: Team, seen: dict) -> dict:
              call("create_task", {"title": "Ship it", "depends_on": [1]}),
              call("lock_file", {"path": "locked.txt", "reason": "rewriting the intro"}),
              call("send", {"to": "bob", "content": FLAGGED_TEXT}),
-             wait(recorded("bob", "Edit"), label="bob's refused edit"),
+             wait(recorded("bob", "Write"), label="bob's refused edit and write"),
              call("unlock_file", {"path": "locked.txt"}),
              call("send", {"to": "bob", "content": SECOND_TEXT}),
              end("Planned: three tasks, one waiting on the parser.")]
@@ -204,6 +208,7 @@ def scripts(team: Team, seen: dict) -> dict:
            call("Read", {"file_path": os.path.join(team.project, "locked.txt")}),
            call("Edit", {"file_path": os.path.join(team.project, "locked.txt"),
                          "old_string": "as alice left it", "new_string": "as bob rewrote it"}),
+           call("Write", {"file_path": os.path.join(team.project, "locked.txt"), "content": "bob's version\n"}),
            call("Write", {"file_path": os.path.join(team.project, "free.txt"), "content": "bob's new file\n"}),
            run(note_locks),
            call("get_memory"),
@@ -225,20 +230,24 @@ def scripts(team: Team, seen: dict) -> dict:
     return {"alice": ("architect", alice), "bob": ("worker", bob), "carol": ("worker", carol)}
 
 
-def run_team(claude: str, mode: str, keep: bool, checks: Checks, findings: list) -> None:
+def run_scenario(claude: str, mode: str, scenario: str, keep: bool, checks: Checks, findings: list) -> None:
+    sessions, verify = SCENARIOS[scenario]
     team = Team(claude, mode, keep)
-    label = f"[{mode}]"
+    label = f"[{mode}]" if scenario == "team" else f"[{mode} {scenario}]"
     try:
         team.setup()
         seen = {}
-        for name, (role, steps) in scripts(team, seen).items():
+        for name, (role, steps) in sessions(team, seen).items():
             team.start(name, role, steps, f"You are {name}. Work with your team.")
         codes = team.wait_all()
         for name, code in codes.items():
             checks.check(f"{label} {name}'s claude exits 0", code == 0, f"{code}; {tail(team, name)}")
         errors = [(r.session, r.error) for r in team.standin.log if r.error]
         checks.check(f"{label} every script step answered, none ran past its end (no Stop loop)", not errors, errors)
-        assert_all(team, label, seen, checks, findings)
+        searches = sum(1 for r in team.standin.requests() for b in (r.answer or []) if b.get("name") == "ToolSearch")
+        findings.append(f"{label} MCP tools deferred behind ToolSearch: {'yes' if searches else 'no'} "
+                        f"({searches} ToolSearch calls scripted)")
+        verify(team, label, seen, checks, findings)
     finally:
         if keep:
             print(f"{label} kept {team.tmp}")
@@ -275,7 +284,7 @@ def clean_text_problems(text: str) -> list:
     return problems
 
 
-def assert_all(team: Team, label: str, seen: dict, checks: Checks, findings: list) -> None:
+def team_checks(team: Team, label: str, seen: dict, checks: Checks, findings: list) -> None:
     st = team.standin
     for name, role in (("alice", "architect"), ("bob", "worker"), ("carol", "worker")):
         first = st.requests(name)[:1]
@@ -315,9 +324,13 @@ def assert_all(team: Team, label: str, seen: dict, checks: Checks, findings: lis
     checks.check(f"{label} bob's Edit of alice's locked file is refused with our sentence",
                  bool(is_error) and "locked.txt is locked by alice" in (text or "") and "Do not edit it" in (text or ""),
                  text)
+    text, is_error = result_text(team, "bob", "Write")
+    checks.check(f"{label} bob's Write of alice's locked file is refused with our sentence",
+                 bool(is_error) and "locked.txt is locked by alice" in (text or "") and "Do not edit it" in (text or ""),
+                 text)
     with open(os.path.join(team.project, "locked.txt")) as handle:
         checks.check(f"{label} the locked file is untouched", handle.read() == LOCKED_ORIGINAL)
-    text, is_error = result_text(team, "bob", "Write")
+    text, is_error = result_text(team, "bob", "Write", 1)
     checks.check(f"{label} bob's Write of a free file goes ahead", text is not None and not is_error, text)
     checks.check(f"{label} the free file is auto-locked for bob",
                  any(lock["path"] == "free.txt" and lock["holder"] == "bob" and lock.get("reason", "").startswith("auto")
@@ -370,20 +383,25 @@ def describe_stop(request) -> str:
     return json.dumps(list(reversed(tail_messages)), ensure_ascii=False)
 
 
+SCENARIOS = {"team": (team_sessions, team_checks)}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--claude", default=shutil.which("claude") or "claude")
     parser.add_argument("--mode", action="append", choices=sorted(TOOL_PREFIX), help="default: both")
+    parser.add_argument("--scenario", action="append", choices=sorted(SCENARIOS), help="default: all")
     parser.add_argument("--keep", action="store_true", help="keep each team's directory (logs, requests.json)")
     args = parser.parse_args(argv)
     version = subprocess.run([args.claude, "--version"], capture_output=True, text=True).stdout.strip()
     print(f"Claude Code CLI: {version} ({args.claude})", flush=True)
     checks, findings = Checks(), []
     for mode in args.mode or ("plugin", "install"):
-        try:
-            run_team(args.claude, mode, args.keep, checks, findings)
-        except Exception as exc:
-            checks.check(f"[{mode}] the scenario ran", False, repr(exc))
+        for scenario in args.scenario or SCENARIOS:
+            try:
+                run_scenario(args.claude, mode, scenario, args.keep, checks, findings)
+            except Exception as exc:
+                checks.check(f"[{mode} {scenario}] the scenario ran", False, repr(exc))
     print("\nWhat the CLI showed the model:")
     for line in findings:
         print("  " + line)
