@@ -33,8 +33,8 @@ STRUCTURED_CAPABILITY = "ctl/structured"     # experimental client capability: a
 PROTOCOL_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")
 BATCHING_VERSIONS = ("2025-03-26",)
 
-INSTRUCTIONS = """Control Tower Lite: you share your project's room with other Claude Code sessions on this machine.
-1. You joined as a worker at start; call join (role "architect" if you plan the work) to see who is here.
+INSTRUCTIONS = """Control Tower Lite: you share your project's room with other coding sessions on this machine.
+1. You are a worker of the room from your first call; call join (role "architect" if you plan the work) to see who is here.
 2. Architect: split the job with create_task (depends_on orders it), record decisions with set_memory.
 3. Worker: claim_task, lock_file before editing a file, do the work, complete_task with a real summary of what changed, unlock_file.
 4. Between steps, check your inbox. Stuck? send to "architect" with category "blocker": the human sees it too.

@@ -500,7 +500,7 @@ class OperationsTest(unittest.TestCase):
         self.assertIn("`format` by e-arch", transcript)
         again = self.launch("--export", self.out)
         self.assertEqual(again.returncode, 1, "an export never overwrites an earlier one")
-        self.assertIn("already exists", again.stderr)
+        self.assertIn("already holds an export", again.stderr)
         linked = os.path.join(self.broker.tmp, "linked-out")
         os.symlink(self.broker.tmp, linked)
         refused = self.launch("--export", linked)
