@@ -54,12 +54,13 @@ class InstallError(Exception):
 
 
 def location_args(args) -> list:
-    """--port and --state-dir whenever they differ from the defaults (from the flags or CTL_PORT/CTL_STATE_DIR)."""
-    extra = []
-    port = common.resolve_port(args.port)
-    if port != common.DEFAULT_PORT:
-        extra += ["--port", str(port)]
-    state_dir = common.resolve_state_dir(args.state_dir)
+    """--port and --state-dir whenever they differ from the defaults: from the flags or CTL_PORT/CTL_STATE_DIR,
+    but only from the flags for a project's file, which is committed and shared with other machines."""
+    shared = args.scope == "project"
+    port = (args.port or common.DEFAULT_PORT) if shared else common.resolve_port(args.port)
+    state_dir = common.resolve_state_dir(args.state_dir or common.DEFAULT_STATE_DIR) if shared \
+        else common.resolve_state_dir(args.state_dir)
+    extra = [] if port == common.DEFAULT_PORT else ["--port", str(port)]
     if state_dir != common.resolve_state_dir(common.DEFAULT_STATE_DIR):
         extra += ["--state-dir", state_dir]
     return extra
@@ -637,9 +638,9 @@ def hook_checks(folder: str = None) -> list:
 def stale_reason(command: list):
     for part in command:
         if part.endswith(".py") and os.path.isabs(part) and not os.path.exists(part):
-            return f"STALE: {part} no longer exists; run {user_command('install')} again"
+            return f"STALE: {part} no longer exists; run {user_command('install')} --hooks again"
     if command and os.path.isabs(command[0]) and not os.path.exists(command[0]):
-        return f"STALE: the interpreter {command[0]} no longer exists; run {user_command('install')} again"
+        return f"STALE: the interpreter {command[0]} no longer exists; run {user_command('install')} --hooks again"
     return None
 
 
@@ -666,7 +667,7 @@ def status(args) -> int:
     for client, path in hook_files(folder):
         print(f"  {CLIENTS[client].label} hooks in {path}\n    {hooks_verdict(client, folder)[1]}")
     if not entries and not plugin:
-        print(f"  not registered anywhere; run: {user_command('install')}")
+        print(f"  not registered anywhere; run: {user_command('install')} --hooks")
         return 1
     return 0
 
@@ -739,6 +740,9 @@ def main(argv=None) -> int:
     for outcome in outcomes:
         print(f"Control Tower Lite: {outcome}.")
     if not args.uninstall:
+    if args.uninstall and args.client == "claude" and plugin_installed():
+        print(f"The Claude Code plugin {PLUGIN_ID} is installed, which install.py does not remove: "
+              f"claude plugin uninstall {PLUGIN_ID}; then claude plugin marketplace remove control-tower-lite.")
         agent = CLIENTS[args.client].label
         print(f"Next: {user_command('launch')} (starts the broker, opens the dashboard); then open {agent} "
               "in each project and ask it to join the room.")

@@ -114,6 +114,7 @@ class InstallTest(unittest.TestCase):
         with open(os.path.join(project, ".mcp.json"), "w") as handle:
             handle.write(existing)
         before = self.snapshot(self.home)
+        self.env.update(CTL_PORT="7999", CTL_STATE_DIR=os.path.join(self.home, "mine"))
         self.assertEqual(self.run_install("--scope", "project", project).returncode, 0)
         with open(os.path.join(project, ".mcp.json")) as handle:
             written = handle.read()
