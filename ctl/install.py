@@ -739,10 +739,10 @@ def main(argv=None) -> int:
         return 1
     for outcome in outcomes:
         print(f"Control Tower Lite: {outcome}.")
-    if not args.uninstall:
     if args.uninstall and args.client == "claude" and plugin_installed():
         print(f"The Claude Code plugin {PLUGIN_ID} is installed, which install.py does not remove: "
               f"claude plugin uninstall {PLUGIN_ID}; then claude plugin marketplace remove control-tower-lite.")
+    if not args.uninstall:
         agent = CLIENTS[args.client].label
         print(f"Next: {user_command('launch')} (starts the broker, opens the dashboard); then open {agent} "
               "in each project and ask it to join the room.")
