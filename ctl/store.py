@@ -336,8 +336,8 @@ class Store:
     def begin_batch(self, promised: bool) -> bool:
         """Open the loop's group-commit transaction; False (run each request on its own) if another process
         holds the write lock, so reads still answer and writes fail fast with 503."""
-        try:
         self.durability(promised)
+        try:
             self.db.execute("BEGIN IMMEDIATE")
             return True
         except sqlite3.OperationalError:
