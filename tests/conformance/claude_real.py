@@ -85,7 +85,10 @@ class Team:
                     "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
 
     def sh(self, *argv, cwd=None, check=True, timeout=120) -> str:
+        started = time.monotonic()
         done = subprocess.run(argv, cwd=cwd or self.tmp, env=self.env, capture_output=True, text=True, timeout=timeout)
+        if time.monotonic() - started > 10:         # seen once for `claude plugin install`: say so, with its output
+            print(f"slow: {' '.join(argv[-3:])} took {time.monotonic() - started:.0f}s: {done.stdout}{done.stderr}"[:600])
         if check and done.returncode != 0:
             raise RuntimeError(f"{' '.join(argv)} exited {done.returncode}: {done.stdout}{done.stderr}")
         return done.stdout + done.stderr
