@@ -324,6 +324,10 @@ def r_locks(broker, actor, q):
     return {"locks": broker.store.list_locks(actor.room_id)}
 
 
+def r_violation(broker, actor, b):
+    return broker.store.report_violation(actor.peer, b["path"], b["tool"], b["seconds"], time.time())
+
+
 def r_set_memory(broker, actor, b):
     return broker.store.set_memory(actor, b["key"], b["value"], time.time())
 
@@ -419,6 +423,10 @@ ROUTES = {
     ("POST", "/locks/release"): Route(r_unlock, PEER_OR_OPERATOR, {
         "path": Field("text", required=True, limit=LIMITS["path"])}),
     ("GET", "/locks"): Route(r_locks, READERS, {}),
+    ("POST", "/locks/violation"): Route(r_violation, PEER, {
+        "path": Field("text", required=True, limit=LIMITS["path"]),
+        "tool": Field("name", required=True),
+        "seconds": Field("int", required=True, limit=86400, minimum=0)}),
     ("POST", "/memory"): Route(r_set_memory, PEER_OR_OPERATOR, {
         "key": Field("text", required=True, limit=LIMITS["mem_key"]),
         "value": Field("text", required=True, limit=LIMITS["mem_value"])}, architect=True, mutates=True),

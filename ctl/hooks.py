@@ -1,7 +1,10 @@
 """Claude Code hooks that make coordination bind: thin entry points over the same client code.
 
-    hook.py PreToolUse      before Edit/Write/MultiEdit/NotebookEdit: deny a path another peer holds;
-                            otherwise take the lock for this session ("auto: <tool>") and let the edit run
+    hook.py PreToolUse      before Edit/Write/NotebookEdit: deny a path another peer holds; otherwise take the
+                            lock for this session ("auto: <tool>") and let the edit run. Before Bash: deny a
+                            command that names a file another peer holds (shellwrites.py); note the rest
+    hook.py PostToolUse     after Bash: a file another peer holds that changed anyway is told to the model and
+                            reported to the holder and the human (never undone)
     hook.py Stop            before the model ends its turn: hand it unread messages (and the human's stop
                             or pause), fenced exactly as `check` shows them; remind an idle worker once
     hook.py SessionStart    a short briefing: room, role, who is here, claims, locks, unread count
@@ -21,7 +24,7 @@ import os
 import sys
 import time
 
-from ctl import common, dialects, identity, user_command
+from ctl import common, dialects, identity, paths, shellwrites, user_command
 from ctl.common import BrokerClient, BrokerUnavailable, StateError
 from ctl.render import render_messages, when
 
@@ -85,6 +88,10 @@ def pre_tool_use(event: dict, peer: Peer) -> None:
     arguments = event.get("tool_input") if isinstance(event.get("tool_input"), dict) else {}
     root = peer.binding["root"]
     cwd = event.get("cwd") or root
+    command = DIALECT.shell_command(tool, arguments)
+    if command is not None:
+        shell_guard(command, cwd, tool, event, peer)
+        return
     for target in DIALECT.write_targets(tool, arguments):
         path = os.path.realpath(target if os.path.isabs(target) else os.path.join(cwd, target))
         inside = path.startswith(root.rstrip(os.sep) + os.sep)   # a file elsewhere is not ours to guard
@@ -94,34 +101,136 @@ def pre_tool_use(event: dict, peer: Peer) -> None:
 
 def guard(path: str, tool: str, peer: Peer) -> bool:
     """Lock one file of the project for this session. False once an answer is given (a refusal or a warning):
-    the client reads one answer per call."""
+    the client reads one answer per call. Whatever goes wrong (no broker, 503, a bad answer), a path last
+    seen locked by another peer stays closed."""
     root = peer.binding["root"]
     memo = peer.memo()
+    key = paths.name_key(path, root)
+    others = memo.setdefault("held_by_others", {})
     try:
         status, data = peer.call("POST", "/locks", {"path": path, "reason": f"auto: {tool}"[:200]})
     except BrokerUnavailable:
-        known = memo.get("held_by_others", {}).get(path)
-        if known:
-            deny(held_line(os.path.relpath(path, root), known) + " (As last seen: the broker is not answering.)")
-        else:
-            emit({"systemMessage": "Control Tower Lite: the broker is not answering, so this edit is unguarded "
-                                   f"by locks. Start it: {user_command('launch')}"})
-        return False
+        status, data = None, {"error": {"message": "the broker is not answering"}}
     error = data.get("error", {}) if isinstance(data, dict) else {}
-    others = memo.setdefault("held_by_others", {})
-    if status == 409 and "lock" in error:
-        others[path] = error["lock"]
+    if status == 409 and isinstance(error.get("lock"), dict):
+        others[key] = error["lock"]
         peer.remember(memo)
         deny(held_line(error["lock"]["path"], error["lock"]))
         return False
     if status == 423:
         deny("The human stopped the room: make no more edits. Report where you are and wait for the human.")
-    elif status != 200:
-        emit({"systemMessage": f"Control Tower Lite could not lock {os.path.relpath(path, root)}: "
-                               f"{error.get('message', status)}"})
-    elif others.pop(path, None) is not None:
+        return False
+    if status == 200:
+        if others.pop(key, None) is not None:
+            peer.remember(memo)
+        return True
+    why = str(error.get("message") or f"the broker answered {status}")
+    if key in others:
+        deny(held_line(os.path.relpath(path, root), others[key]) + f" (As last seen: {why}.)")
+    elif status is None:
+        emit({"systemMessage": "Control Tower Lite: the broker is not answering, so this edit is unguarded "
+                               f"by locks. Start it: {user_command('launch')}"})
+    else:
+        emit({"systemMessage": f"Control Tower Lite could not lock {os.path.relpath(path, root)}: {why}"})
+    return False
+
+
+# ---------------------------------------------------------------- shell commands: before and after
+
+
+SNAPSHOT_FILES = 2048       # locked files whose state one call's snapshot keeps
+REPORTED_FILES = 5          # changed files reported per call (the rest are counted)
+
+
+def file_state(path: str):
+    """What a write changes about a file, without reading it: size, mtime and ctime (ns), inode; None if absent."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+
+
+def snapshot_path(peer: Peer, event: dict) -> str:
+    """One file per tool call (its tool_use_id): calls that run in parallel keep their own snapshots."""
+    import hashlib
+    call = hashlib.sha256(str(event.get("tool_use_id", "")).encode()).hexdigest()[:16]
+    return peer.memo_path()[:-len(".memo.json")] + f".call-{call}.json"
+
+
+def others_locks(peer: Peer, memo: dict):
+    """(key -> lock) of the files other peers of the room hold, and whether it is only as last seen."""
+    root, me = peer.binding["root"], peer.binding["name"]
+    try:
+        status, data = peer.call("GET", "/locks")
+    except BrokerUnavailable:
+        status, data = None, {}
+    if status != 200 or not isinstance(data, dict) or not isinstance(data.get("locks"), list):
+        return memo.get("held_by_others", {}), True
+    held = {paths.name_key(lock["abs_path"], root): lock for lock in data["locks"] if lock.get("holder") != me}
+    if held != memo.get("held_by_others", {}):
+        memo["held_by_others"] = held
         peer.remember(memo)
-    return status == 200
+    return held, False
+
+
+def shell_guard(command: str, cwd: str, tool: str, event: dict, peer: Peer) -> None:
+    """Deny a command that names a file another peer holds; otherwise note the state of every such file, so
+    the call's PostToolUse can tell whether one changed anyway. Never locks: a shell names too many files."""
+    root = peer.binding["root"]
+    memo = peer.memo()
+    held, stale = others_locks(peer, memo)
+    if not held:
+        return
+    writes = shellwrites.write_targets(command, cwd)
+    resolved = [t if t.glob else shellwrites.Target(os.path.realpath(t.path), t.tree) for t in writes.targets]
+    linked = {found[:2] for found in (paths.file_id(t.path) for t in resolved if not t.glob)
+              if found and found[2] > 1}
+    key = lambda p: paths.name_key(p, root)         # noqa: E731 (the comparison both sides go through)
+    for lock_key, lock in held.items():
+        same_file = linked and (paths.file_id(lock["abs_path"]) or (0, 0))[:2] in linked
+        if same_file or any(t.hits(lock_key, key) for t in resolved):
+            deny(held_line(lock["path"], lock) + (" (As last seen: the broker is not answering.)" if stale else ""))
+            return
+    files = {lock["abs_path"]: {"state": file_state(lock["abs_path"]), "lock": lock}
+             for lock in list(held.values())[:SNAPSHOT_FILES]}
+    identity.write_private(snapshot_path(peer, event), {"at": time.time(), "tool": tool, "files": files,
+                                                        "unknown": writes.unknown})
+
+
+def post_tool_use(event: dict, peer: Peer) -> None:
+    """After a shell call: a file another peer holds that changed during it is told to the model at once, and
+    reported (the holder and the human see it). Nothing is undone: the model or the holder decides."""
+    path = snapshot_path(peer, event)
+    snapshot = identity.read_private(path)
+    identity.remove_quietly(path)
+    if not isinstance(snapshot, dict) or not isinstance(snapshot.get("files"), dict):
+        return
+    changed = [(name, entry["lock"]) for name, entry in snapshot["files"].items()
+               if file_state(name) != entry.get("state")]
+    if not changed:
+        return
+    tool = str(event.get("tool_name") or snapshot.get("tool") or "Bash")
+    seconds = min(86400, max(0, int(time.time() - float(snapshot.get("at", 0))) + 1))
+    lines = []
+    for name, lock in changed[:REPORTED_FILES]:
+        try:
+            status, answer = peer.call("POST", "/locks/violation", {"path": name, "tool": tool[:32],
+                                                                   "seconds": seconds})
+        except BrokerUnavailable:
+            status, answer = None, {}
+        if status == 200 and answer.get("holder_active"):
+            continue                                # its holder was editing it meanwhile: likely its own change
+        told = "they and the human have been told" if status == 200 else "the broker could not be told"
+        lines.append(f"{lock['path']} is locked by {lock['holder']} (since {when(lock['since'])}) and changed "
+                     f"during your {tool} call ({told}). If your command changed it, restore it (for example "
+                     f"git checkout -- {lock['path']}, if it held no uncommitted work of theirs) or message "
+                     f"{lock['holder']} (send) to agree on it; do not change it again.")
+    if len(changed) > REPORTED_FILES:
+        lines.append(f"{len(changed) - REPORTED_FILES} more locked file(s) changed too.")
+    if lines:
+        emit({"hookSpecificOutput": {"hookEventName": "PostToolUse",
+                                     "additionalContext": "Control Tower Lite: " + "\n".join(lines)}})
 
 
 # ---------------------------------------------------------------- Stop: messages that arrive
@@ -233,8 +342,8 @@ def git_pre_commit(state_dir: str, port: int) -> int:
     except (BrokerUnavailable, StateError):
         print("ctl git guard: the broker is not answering; locks were not checked.", file=sys.stderr)
         return 0
-    held = {lock["abs_path"]: lock for lock in locks.get("locks", []) if lock["holder"] != me}
-    clashes = [held[path] for path in staged_files(root) if path in held]
+    held = {paths.name_key(lock["abs_path"], root): lock for lock in locks.get("locks", []) if lock["holder"] != me}
+    clashes = [held[key] for key in (paths.name_key(path, root) for path in staged_files(root)) if key in held]
     if not clashes:
         return 0
     print("ctl git guard: this commit touches files other peers have locked:", file=sys.stderr)
@@ -444,7 +553,7 @@ def wait(event: dict, peer: Peer) -> int:
 
 # ---------------------------------------------------------------- entry point
 
-EVENTS = {"PreToolUse": pre_tool_use, "Stop": handing_over(stop), "SessionStart": session_start, "Wait": wait}
+EVENTS = {"PreToolUse": pre_tool_use, "PostToolUse": post_tool_use, "Stop": handing_over(stop), "SessionStart": session_start, "Wait": wait}
 
 
 def find_peer(state_dir: str, wait: float):

@@ -32,7 +32,8 @@ from ctl import CHECKOUT, ENTRY_POINTS, common, dialects, entry_command, user_co
 SERVER_NAME = "ctl"     # short on purpose: it prefixes every tool name the model sees
 PLUGIN_ID = "ctl@control-tower-lite"
 HOOK_EVENTS = {         # event -> matcher (None: every occurrence)
-    "PreToolUse": "Edit|Write|MultiEdit|NotebookEdit",
+    "PreToolUse": "Edit|Write|NotebookEdit|Bash",      # the tools of Claude Code 2.1.332 that write files
+    "PostToolUse": "Bash",
     "Stop": None,
     "SessionStart": None,
 }

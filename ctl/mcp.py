@@ -507,7 +507,8 @@ def t_complete_task(session, args):
 
 
 def t_lock_file(session, args):
-    status, data = session.call("POST", "/locks", {"path": args["path"], "reason": args.get("reason", "")})
+    path = os.path.join(session.cwd, args["path"])         # a relative path means the session's folder
+    status, data = session.call("POST", "/locks", {"path": path, "reason": args.get("reason", "")})
     error = data.get("error", {}) if isinstance(data, dict) else {}
     if status == 409 and "lock" in error:
         held = error["lock"]
@@ -516,11 +517,11 @@ def t_lock_file(session, args):
                           + fence((held["reason"] or "(none given)").splitlines(), secrets.token_hex(6), "reason"))
     if status != 200:
         raise ToolRefusal(error.get("message", f"the broker answered {status}"))
-    return data, f"Locked {data['path']}."
+    return data, f"Locked {data['path']}" + (" (a new file: it does not exist yet)." if data.get("new_file") else ".")
 
 
 def t_unlock_file(session, args):
-    data = session.ok("POST", "/locks/release", {"path": args["path"]})
+    data = session.ok("POST", "/locks/release", {"path": os.path.join(session.cwd, args["path"])})
     return data, f"Unlocked {data['unlocked']}."
 
 

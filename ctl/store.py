@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from ctl.config import GONE_PEER_DAYS, LIMITS, TASK_STATUSES, Settings
 from ctl.common import StateError
 from ctl.errors import ApiError
+from ctl import paths
 from ctl.names import name_skeleton, reads_as_authority
 from ctl.retention import Retention
 
@@ -284,9 +285,10 @@ class Store:
         self._depth = 0                         # savepoints open inside the loop's transaction
         self._counts = {}                       # room id -> (version, tasks per status)
         self._unread = {}                       # peer id -> its unread summary, dropped when its mail changes
-
+        self.lock_touched = {}                  # (room id, lock key) -> when its holder's edit hook last locked it
         self.retention = Retention()            # which rooms to prune, and the counted refusals
         self._synchronous = "FULL"              # what the next commit does: FULL fsyncs it, NORMAL does not
+
     @contextlib.contextmanager
     def tx(self):
         if self.db.in_transaction:
@@ -1030,9 +1032,27 @@ class Store:
     # -- locks
 
     def _lock_view(self, row) -> dict:
+        """`path` relative to the holder's project root and `abs_path` as the holder spelled it; the row's own
+        `path` is the comparison key (paths.name_key)."""
         holder = self.peer_by_id(row["holder_id"])
-        return {"path": row["display"], "abs_path": row["path"], "holder": holder["name"] if holder else None,
+        spelled = os.path.join(holder["root"], row["display"]) if holder and holder["root"] else row["path"]
+        return {"path": row["display"], "abs_path": spelled, "holder": holder["name"] if holder else None,
                 "reason": row["reason"], "since": round(row["acquired_at"], 3)}
+
+    def _lock_row(self, room_id: int, key: str):
+        return self.db.execute("SELECT * FROM locks WHERE room_id=? AND path=?", (room_id, key)).fetchone()
+
+    def _linked_lock(self, room_id: int, real: str, peer_id: int):
+        """Another peer's lock on the same file under another name (a hard link): only a file with more than
+        one link can have one, so the room's locks are looked at only then."""
+        identity = paths.file_id(real)
+        if identity is None or identity[2] < 2:
+            return None
+        for row in self.db.execute("SELECT * FROM locks WHERE room_id=? AND holder_id!=?", (room_id, peer_id)):
+            other = paths.file_id(self._lock_view(row)["abs_path"])
+            if other is not None and other[:2] == identity[:2]:
+                return row
+        return None
 
     def lock(self, peer, path: str, reason: str, now: float) -> dict:
         room_id = peer["room_id"]
@@ -1042,9 +1062,12 @@ class Store:
             if not peer["root"]:
                 raise ApiError(400, "no_project_root", "join with a project root before locking files")
             real = resolve_lock_path(peer["root"], path)
-            existing = self.db.execute("SELECT * FROM locks WHERE room_id=? AND path=?", (room_id, real)).fetchone()
-            if existing is not None and existing["holder_id"] != peer["id"]:
-                view = self._lock_view(existing)
+            key = paths.name_key(real, peer["root"])
+            existing = self._lock_row(room_id, key)
+            clash = existing if existing is not None and existing["holder_id"] != peer["id"] else \
+                self._linked_lock(room_id, real, peer["id"])
+            if clash is not None:
+                view = self._lock_view(clash)
                 raise ApiError(409, "locked", f"{view['path']} is locked by {view['holder']} since "
                                               f"{time.strftime('%H:%M:%S', time.localtime(view['since']))}; "
                                               "message them or work on another file", lock=view)
@@ -1052,15 +1075,20 @@ class Store:
                                                     (peer["id"],)).fetchone()[0] >= LIMITS["locks_per_peer"]:
                 raise ApiError(507, "too_many_locks", f"you hold {LIMITS['locks_per_peer']} locks, the most one "
                                                       "peer may; unlock files you are done with")
-            if existing is not None and reason.startswith("auto: "):
+            editing = reason.startswith("auto: ")     # the edit hook's lock: its holder is writing the file now
+            if existing is not None and editing:
                 reason = existing["reason"]         # an edit never turns a lock taken on purpose into an automatic one
-            display = os.path.relpath(real, os.path.realpath(peer["root"]))
+            display = existing["display"] if existing else os.path.relpath(real, os.path.realpath(peer["root"]))
             self.db.execute("INSERT OR REPLACE INTO locks(room_id, path, display, holder_id, reason, acquired_at) "
-                            "VALUES(?,?,?,?,?,?)", (room_id, real, display, peer["id"], reason,
+                            "VALUES(?,?,?,?,?,?)", (room_id, key, display, peer["id"], reason,
                                                     existing["acquired_at"] if existing else now))
+            if editing:
+                if len(self.lock_touched) > 4096:
+                    self.lock_touched.clear()
+                self.lock_touched[(room_id, key)] = now
             self._changed()
-            return self._lock_view(self.db.execute("SELECT * FROM locks WHERE room_id=? AND path=?",
-                                                   (room_id, real)).fetchone())
+            view = self._lock_view(self._lock_row(room_id, key))
+            return {**view, "new_file": True} if not os.path.lexists(real) else view
 
     def unlock(self, actor: Actor, path: str, now: float) -> dict:
         room_id = actor.room_id
@@ -1069,20 +1097,51 @@ class Store:
                 if not actor.peer["root"]:
                     raise ApiError(400, "no_project_root", "join with a project root before unlocking files")
                 real = resolve_lock_path(actor.peer["root"], path)
+                key = paths.name_key(real, actor.peer["root"])
             else:
                 real = os.path.realpath(path) if os.path.isabs(path) else path
-            existing = self.db.execute("SELECT * FROM locks WHERE room_id=? AND path=?", (room_id, real)).fetchone()
+                key = paths.name_key(real, os.path.dirname(real))
+            existing = self._lock_row(room_id, key)
             if existing is None:
                 raise ApiError(404, "not_locked", "that path is not locked")
             if actor.kind == "peer" and existing["holder_id"] != actor.peer["id"]:
                 raise ApiError(403, "not_lock_holder", f"{existing['display']} is held by "
                                                        f"{self._lock_view(existing)['holder']}; only they or the "
                                                        "human can unlock it")
-            self.db.execute("DELETE FROM locks WHERE room_id=? AND path=?", (room_id, real))
+            self.db.execute("DELETE FROM locks WHERE room_id=? AND path=?", (room_id, key))
             if actor.kind == "operator":
                 self._event(room_id, now, "force_unlock", "operator", existing["display"])
             self._changed()
             return {"unlocked": existing["display"]}
+
+    def report_violation(self, peer, path: str, tool: str, seconds: float, now: float) -> dict:
+        """A file another peer holds changed during this peer's tool call (seen by its PostToolUse hook).
+        Recorded as an event the dashboard shows, and told to the holder, unless the holder itself
+        touched its lock during that call (then the change is more likely its own)."""
+        with self.tx():
+            self._touch(peer, now)
+            if not peer["root"]:
+                raise ApiError(400, "no_project_root", "join with a project root before reporting files")
+            key = paths.name_key(resolve_lock_path(peer["root"], path), peer["root"])
+            row = self._lock_row(peer["room_id"], key)
+            if row is None or row["holder_id"] == peer["id"]:
+                raise ApiError(404, "not_locked", "that path is not locked by another peer")
+            view = self._lock_view(row)
+            if self.lock_touched.get((peer["room_id"], key), 0) >= now - seconds - 1:
+                return {"recorded": False, "holder_active": True, **view}
+            detail = f"{view['path']} (locked by {view['holder']}) changed during {peer['name']}'s {tool} call"
+            self._event(peer["room_id"], now, "lock_violation", peer["name"], detail)
+            message_id = self.db.execute(
+                "INSERT INTO messages(room_id, sender, sender_role, origin, recipient, category, content, created_at) "
+                "VALUES(?,?,?,?,?,?,?,?)",
+                (peer["room_id"], "control-tower", "system", "broker", view["holder"], "blocker",
+                 f"{detail}, though you hold its lock. Check the file: keep or restore what you need, and talk to "
+                 f"{peer['name']}. Nothing was undone automatically.", now)).lastrowid
+            self.db.execute("INSERT INTO deliveries(peer_id, message_id) VALUES(?,?)", (row["holder_id"], message_id))
+            self._unread.pop(row["holder_id"], None)
+            self.woken.add(row["holder_id"])
+            self._changed()
+            return {"recorded": True, **view}
 
     def list_locks(self, room_id: int) -> list:
         return [self._lock_view(r) for r in self.db.execute("SELECT * FROM locks WHERE room_id=? ORDER BY path",

@@ -81,7 +81,7 @@ class PreToolUseTest(HookTestCase):
         self.assertEqual(self.locks()["models.py"]["holder"], "alice")
         self.assertEqual(self.locks()["models.py"]["reason"], "auto: Edit")
         self.assertEqual(alice.hook("PreToolUse", edit(target, "Write"))[1], None, "one's own lock never blocks")
-        code, out, _ = bob.hook("PreToolUse", edit(target, "MultiEdit"))
+        code, out, _ = bob.hook("PreToolUse", edit(target, "Write"))
         decision = out["hookSpecificOutput"]
         self.assertEqual((code, decision["hookEventName"], decision["permissionDecision"]), (0, "PreToolUse", "deny"))
         self.assertRegex(decision["permissionDecisionReason"],
@@ -241,6 +241,148 @@ class GitGuardTest(HookTestCase):
         with open(os.path.join(hooks_dir, "pre-commit")) as handle:
             self.assertIn("echo mine ran", handle.read())
         self.assertFalse(os.path.exists(os.path.join(hooks_dir, "pre-commit.ctl-chained")))
+
+
+def bash(command, call="call-1"):
+    return {"tool_name": "Bash", "tool_input": {"command": command}, "tool_use_id": call}
+
+
+def denied(answer) -> str:
+    return (answer or {}).get("hookSpecificOutput", {}).get("permissionDecision", "")
+
+
+class ShellWritesHookTest(HookTestCase):
+    """Writes through Bash: denied before when the command names a held file, reported right after when not."""
+
+    def setUp(self):
+        super().setUp()
+        self.alice, self.bob = self.agent("alice"), self.agent("bob")
+        self.held = os.path.join(self.project, "held.py")
+        with open(self.held, "w") as handle:
+            handle.write("a = 1\n")
+        self.alice.ok("lock_file", {"path": self.held, "reason": "rewriting it"})
+
+    def content(self):
+        with open(self.held) as handle:
+            return handle.read()
+
+    def test_a_named_write_is_denied_and_reads_run(self):
+        for command in ("sed -i 's/a/b/' held.py", "echo x > held.py", "cd . && cat > held.py <<EOF\nx\nEOF",
+                        "git checkout -- held.py", "cp other.py held.py", "bash -c 'rm held.py'"):
+            with self.subTest(command=command):
+                code, out, _ = self.bob.hook("PreToolUse", bash(command))
+                self.assertEqual((code, denied(out)), (0, "deny"), out)
+                self.assertRegex(out["hookSpecificOutput"]["permissionDecisionReason"],
+                                 r"^held\.py is locked by alice for \"rewriting it\" since \d\d:\d\d:\d\d\. Do not edit")
+        for command in ("cat held.py", "grep -n a held.py", "git diff held.py", "sed -n 1p held.py > /dev/null"):
+            with self.subTest(command=command):
+                self.assertIsNone(self.bob.hook("PreToolUse", bash(command, command))[1], "a read runs untouched")
+                self.assertIsNone(self.bob.hook("PostToolUse", bash(command, command))[1], "and nothing changed")
+        self.assertIsNone(self.alice.hook("PreToolUse", bash("sed -i s/a/b/ held.py"))[1], "the holder may")
+        self.assertEqual(self.content(), "a = 1\n")
+        self.assertNotIn("other.py", self.locks(), "a shell command never takes locks")
+
+    def test_an_unseen_write_is_reported_after_the_call(self):
+        call = bash("python3 gen.py", "call-unseen")
+        self.assertIsNone(self.bob.hook("PreToolUse", call)[1], "the parser cannot see into a script")
+        with open(self.held, "a") as handle:        # what the script did
+            handle.write("b = 2\n")
+        code, out, _ = self.bob.hook("PostToolUse", {**call, "tool_response": {"stdout": ""}})
+        context = out["hookSpecificOutput"]
+        self.assertEqual((code, context["hookEventName"]), (0, "PostToolUse"))
+        self.assertIn("held.py is locked by alice", context["additionalContext"])
+        self.assertIn("restore it", context["additionalContext"])
+        self.assertEqual(self.content(), "a = 1\nb = 2\n", "nothing is undone automatically")
+        events = self.broker.operator().ok("GET", "/state")["events"]
+        self.assertTrue(any(e["kind"] == "lock_violation" and "held.py" in e["detail"] and e["actor"] == "bob"
+                            for e in events), events)
+        told = self.alice.ok("check", {})["messages"]
+        self.assertTrue(any(m["from"] == "control-tower" and "held.py" in m["content"] for m in told), told)
+        self.assertIsNone(self.bob.hook("PostToolUse", call)[1], "reported once: the snapshot is gone")
+
+    def test_the_holders_own_edit_during_the_call_is_not_a_violation(self):
+        call = bash("sleep 1", "call-holder")
+        self.bob.hook("PreToolUse", call)
+        self.alice.hook("PreToolUse", edit(self.held))
+        with open(self.held, "a") as handle:
+            handle.write("mine = True\n")
+        self.assertIsNone(self.bob.hook("PostToolUse", call)[1])
+        events = self.broker.operator().ok("GET", "/state")["events"]
+        self.assertFalse(any(e["kind"] == "lock_violation" for e in events))
+
+    def test_a_hard_link_is_the_same_file(self):
+        alias = os.path.join(self.project, "alias.py")
+        os.link(self.held, alias)
+        self.assertEqual(denied(self.bob.hook("PreToolUse", bash("sed -i s/a/b/ alias.py"))[1]), "deny")
+        self.assertEqual(denied(self.bob.hook("PreToolUse", edit(alias))[1]), "deny")
+        refused = self.bob.call("lock_file", {"path": "alias.py"})
+        self.assertTrue(refused["isError"])
+        self.assertIn("held.py is locked by alice", refused["content"][0]["text"])
+
+    def test_a_busy_broker_keeps_a_known_lock_closed(self):
+        self.assertEqual(denied(self.bob.hook("PreToolUse", edit(self.held))[1]), "deny")   # seen held
+        import sqlite3
+        blocker = sqlite3.connect(os.path.join(self.broker.state_dir, "broker.db"), isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")                  # another process holds the write lock: 503
+        try:
+            out = self.bob.hook("PreToolUse", edit(self.held))[1]
+            self.assertEqual(denied(out), "deny", out)
+            self.assertIn("As last seen", out["hookSpecificOutput"]["permissionDecisionReason"])
+            free = self.bob.hook("PreToolUse", edit(os.path.join(self.project, "free.py")))[1]
+            self.assertNotEqual(denied(free), "deny", "a path never seen held fails open, visibly")
+            self.assertIn("systemMessage", free)
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+
+
+class LockIdentityTest(HookTestCase):
+    """One file, one lock: other spellings of a name, and paths as the agent means them."""
+
+    def test_unicode_spellings_are_one_lock(self):
+        alice, bob = self.agent("alice"), self.agent("bob")
+        alice.ok("lock_file", {"path": "caf\u00e9.py"})
+        refused = bob.call("lock_file", {"path": "cafe\u0301.py"})
+        self.assertTrue(refused["isError"], "the decomposed spelling names the same lock")
+        self.assertEqual([lock["path"] for lock in self.locks().values()], ["caf\u00e9.py"], "the holder's spelling")
+
+    def test_case_follows_the_file_system(self):
+        from ctl import paths
+        with open(os.path.join(self.project, "Readme.md"), "w"):
+            pass
+        folds = os.path.exists(os.path.join(self.project, "README.MD"))
+        self.assertEqual(paths.folds_case(self.project), folds)
+        alice, bob = self.agent("alice"), self.agent("bob")
+        alice.ok("lock_file", {"path": "Readme.md"})
+        self.assertEqual(bob.call("lock_file", {"path": "README.md"}).get("isError", False), folds,
+                         "refused exactly where the file system says it is the same file")
+
+    def test_relative_paths_mean_the_sessions_folder(self):
+        sub = os.path.join(self.project, "src")
+        os.makedirs(sub)
+        session = McpSession(self.broker, sub, name="sub", agent=True)
+        session.initialize()
+        self.sessions.append(session)
+        result = session.call("lock_file", {"path": "cli.py"})
+        self.assertFalse(result.get("isError"), result)
+        self.assertEqual(result["content"][0]["text"], "Locked src/cli.py (a new file: it does not exist yet).")
+        self.assertEqual(list(self.locks()), ["src/cli.py"])
+        self.assertEqual(session.ok("unlock_file", {"path": "cli.py"})["unlocked"], "src/cli.py")
+
+    def test_every_folder_and_file_of_the_state_directory_is_private(self):
+        watcher = self.agent("alice")
+        watcher.ok("check", {})
+        watcher.hook("Stop", {"stop_hook_active": False})
+        import stat
+        seen = 0
+        for folder, folders, files in os.walk(self.broker.state_dir):
+            for name in folders:
+                self.assertEqual(os.stat(os.path.join(folder, name)).st_mode & 0o777, 0o700, name)
+                seen += 1
+            for name in files:
+                mode = os.lstat(os.path.join(folder, name)).st_mode
+                self.assertEqual(mode & 0o777, 0o600 if not stat.S_ISSOCK(mode) else mode & 0o700, name)
+        self.assertGreaterEqual(seen, 2, "sessions/ and watch/ at least")
 
 
 if __name__ == "__main__":

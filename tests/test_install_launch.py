@@ -163,10 +163,10 @@ class InstallTest(unittest.TestCase):
         before = self.snapshot(self.home)
         self.assertEqual(self.run_install("--hooks").returncode, 0)
         hooks = self.read_json(".claude", "settings.json")["hooks"]
-        self.assertEqual(set(hooks), {"PreToolUse", "Stop", "SessionStart"})
+        self.assertEqual(set(hooks), {"PreToolUse", "PostToolUse", "Stop", "SessionStart"})
         self.assertEqual(hooks["PreToolUse"][0]["hooks"][0]["command"], "my-guard", "the user's own hook stays")
         ours = hooks["PreToolUse"][1]
-        self.assertEqual(ours["matcher"], "Edit|Write|MultiEdit|NotebookEdit")
+        self.assertEqual(ours["matcher"], "Edit|Write|NotebookEdit|Bash")
         self.assertIn("hook.py", ours["hooks"][0]["command"])
         self.assertTrue(ours["hooks"][0]["command"].endswith("PreToolUse"))
         self.assertIn("nothing changed", self.run_install("--hooks").stdout)
