@@ -89,6 +89,31 @@ class SameIterationTest(BrokerTestCase):
             self.assertLess(self.one_round(False, f"send first {i}"), 1.0, "the waiting read missed its wake-up")
 
 
+class RoomWatchingReadTest(BrokerTestCase):
+    """`state` and `ready` on a waiting read: it also answers when the room changes or a task becomes ready."""
+
+    def test_answers_on_a_room_change_and_on_a_ready_task_and_refuses_a_bad_state(self):
+        root = os.path.realpath(os.path.dirname(project_dir("watch")))
+        worker = self.broker.join("watcher-of-the-room", root=root)
+        operator = self.broker.operator()
+        operator.room = next(r["id"] for r in self.broker.rooms() if r["root"] == root)
+        status, data = worker.call("GET", "/inbox?wait=1&state=asleep")
+        self.assertEqual(status, 400, data)
+        for act, check in ((lambda: operator.ok("POST", "/operator/pause", {}), lambda b: b["room"] == "paused"),
+                           (lambda: operator.ok("POST", "/tasks", {"title": "t"}), lambda b: b["ready"] == 1)):
+            known = worker.ok("GET", "/inbox?ready=0")
+            answer = {}
+            reader = threading.Thread(target=lambda: answer.update(worker.ok(
+                "GET", f"/inbox?wait={WAIT}&state={known['room']}&ready={known['ready']}")))
+            reader.start()
+            time.sleep(0.3)
+            started = time.monotonic()
+            act()
+            reader.join(WAIT + 2)
+            self.assertLess(time.monotonic() - started, 1.0)
+            self.assertTrue(check(answer), answer)
+
+
 class ConcurrentWakeTest(BrokerTestCase):
     """Many pairs, each round a waiting read and a send written at nearly the same jittered instant: no read
     is answered later than a generous 200 ms after its message's send was answered."""

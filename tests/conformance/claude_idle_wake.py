@@ -7,8 +7,8 @@ stand-in, in a fresh HOME with onboarding and workspace trust pre-seeded and `in
 finishes its turn and sits at its prompt; then another peer sends it a message over the HTTP API, and the stand-in
 must receive a new request carrying that message, fenced, exactly once (and never again); the same for the human's
 pause; a second session started with CTL_WAKE=never is not woken. `--rounds N` repeats the message wake N times
-and prints the wake latency (send -> the model's new request at the stand-in), median and p99, and the CPU the
-idle waiting hook used. Prints "N passed, M failed" and exits 1 on any failure. Never touches the real ~/.claude*.
+and prints the wake latency (send -> the model's new request at the stand-in), median and p99; `--idle-seconds S`
+also measures the CPU an armed, idle waiting hook uses (bench/wake.py runs both). Prints "N passed, M failed" and exits 1 on any failure. Never touches the real ~/.claude*.
 """
 import argparse
 import json
@@ -54,7 +54,7 @@ class Harness:
         clean = {k: v for k, v in os.environ.items() if not k.startswith(("CTL_", "ANTHROPIC_", "CLAUDE", "TMUX"))}
         self.env = {**clean, "HOME": self.home, "CTL_PORT": str(self.port), "CTL_STATE_DIR": self.state_dir,
                     "ANTHROPIC_API_KEY": DUMMY_KEY, "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
-                    "DISABLE_AUTOUPDATER": "1", "TERM": "xterm-256color"}
+                    "DISABLE_AUTOUPDATER": "1", "TERM": "xterm-256color", "CTL_RATE_LIMIT": "1000"}
 
     def sh(self, *argv, cwd=None, timeout=120) -> str:
         done = subprocess.run(argv, cwd=cwd or self.tmp, env=self.env, capture_output=True, text=True, timeout=timeout)
@@ -198,7 +198,10 @@ def wake_on(harness: Harness, name: str, act, needle: str, label: str, checks: C
     turns = len(harness.standin.requests(name))
     before = harness.standin.requests(name)[-1]
     started = time.monotonic()
-    act()
+    status, answer = act()
+    if status != 200:
+        checks.check(f"{label}: the broker took it", False, answer)
+        return None
     try:
         harness.standin.wait_for(lambda log: len(harness.standin.requests(name)) > turns, WAKE_LIMIT, f"{label} wake")
     except TimeoutError:
@@ -213,7 +216,7 @@ def wake_on(harness: Harness, name: str, act, needle: str, label: str, checks: C
     return latency
 
 
-def scenario(harness: Harness, rounds: int, checks: Checks) -> dict:
+def scenario(harness: Harness, rounds: int, idle_seconds: float, checks: Checks) -> dict:
     version = harness.setup()
     print(f"Claude Code under test: {version}")
     harness.start("idle")
@@ -222,10 +225,10 @@ def scenario(harness: Harness, rounds: int, checks: Checks) -> dict:
     latencies = []
     idle_cpu = None
     for i in range(max(1, rounds)):
-        if i == 1:                              # the CPU an armed, idle waiter costs, measured over 20 s
-            ticks = cpu_ticks(pid)
-            time.sleep(20)
-            idle_cpu = (cpu_ticks(pid) - ticks) / os.sysconf("SC_CLK_TCK") * 3   # seconds per minute
+        if i == 1 and idle_seconds:             # the CPU an armed, idle waiter costs, per minute
+            spent = cpu_seconds(pid)
+            time.sleep(idle_seconds)
+            idle_cpu = (cpu_seconds(pid) - spent) * 60 / idle_seconds
         text = f"Please review the parser, round {i}."
         latency = wake_on(harness, "idle", lambda: sender.request("POST", "/messages", {"to": "idle", "content": text}),
                           text, f"message {i}", checks)
@@ -258,11 +261,10 @@ def scenario(harness: Harness, rounds: int, checks: Checks) -> dict:
     return {"version": version, "latencies": latencies, "idle_cpu_per_minute": idle_cpu}
 
 
-def cpu_ticks(pid: int) -> int:
-    """User and system CPU of a process, in clock ticks."""
-    with open(f"/proc/{pid}/stat") as handle:
-        fields = handle.read().rpartition(")")[2].split()
-    return int(fields[11]) + int(fields[12])
+def cpu_seconds(pid: int) -> float:
+    """The CPU time a process has run, to the nanosecond (the scheduler's count, finer than clock ticks)."""
+    with open(f"/proc/{pid}/schedstat") as handle:
+        return int(handle.read().split()[0]) / 1e9
 
 
 def percentile(values: list, fraction: float) -> float:
@@ -274,13 +276,15 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--claude", default=shutil.which("claude") or "/opt/cc/node_modules/.bin/claude")
     parser.add_argument("--rounds", type=int, default=1, help="message wakes to time (the bench uses 20)")
+    parser.add_argument("--idle-seconds", type=float, default=0,
+                        help="with --rounds > 1: also measure an idle waiter's CPU over this long")
     parser.add_argument("--keep", action="store_true", help="keep the temporary HOME and every request the CLI sent")
     parser.add_argument("--json", help="write the measurements to this file")
     args = parser.parse_args(argv)
     checks = Checks()
     harness = Harness(args.claude, args.keep)
     try:
-        result = scenario(harness, args.rounds, checks)
+        result = scenario(harness, args.rounds, args.idle_seconds, checks)
     except (RuntimeError, TimeoutError) as exc:
         checks.check("the scenario ran to its end", False, str(exc)[-1500:])
         result = {}
@@ -291,7 +295,7 @@ def main(argv=None) -> int:
         print(f"idle wake latency over {len(latencies)} wakes: median {statistics.median(latencies) * 1000:.0f} ms, "
               f"p99 {percentile(latencies, 0.99) * 1000:.0f} ms")
     if result.get("idle_cpu_per_minute") is not None:
-        print(f"an idle waiting hook's CPU: {result['idle_cpu_per_minute'] * 1000:.1f} ms per minute")
+        print(f"an idle waiting hook's CPU: {result['idle_cpu_per_minute'] * 1000:.2f} ms per minute")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(result, handle)
