@@ -72,8 +72,21 @@ def ancestors(pid: int, depth: int = 12):
         pid, depth = info[0], depth - 1
 
 
+def private_dirs(folder: str) -> None:
+    """Create `folder` and every missing parent 0700 (os.makedirs gives the mode to the last one only)."""
+    missing = []
+    while folder and not os.path.isdir(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    for each in reversed(missing):
+        try:
+            os.mkdir(each, 0o700)
+        except FileExistsError:
+            pass
+
+
 def write_private(path: str, data: dict) -> None:
-    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    private_dirs(os.path.dirname(path))
     tmp = f"{path}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "w") as handle:

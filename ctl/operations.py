@@ -7,6 +7,7 @@ import json
 import os
 import socket
 import sqlite3
+import stat
 import sys
 import time
 
@@ -236,6 +237,14 @@ def doctor(port: int, state_dir: str, registrations) -> list:
         for name in (common.HMAC_KEY_FILE, common.JOIN_SECRET_FILE, common.OPERATOR_TOKEN_FILE,
                      common.OBSERVER_TOKEN_FILE, "broker.db"):
             common.check_private_file(os.path.join(state_dir, name))
+        for folder, folders, files in os.walk(state_dir):      # every folder 0700 and every file 0600, at any depth
+            for name in folders:
+                common.ensure_state_dir(os.path.join(folder, name), create=False)
+            for name in files:
+                path = os.path.join(folder, name)
+                if stat.S_ISSOCK(os.lstat(path).st_mode) and not os.lstat(path).st_mode & 0o077:
+                    continue                                    # a session's private socket
+                common.check_private_file(path)
         checks.append((True, f"state directory {state_dir}: private (0700, files 0600)", ""))
     except common.StateError as exc:
         checks.append((False, f"state directory {state_dir}: {exc}", str(exc).rpartition("; ")[2]))

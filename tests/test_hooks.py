@@ -383,6 +383,14 @@ class LockIdentityTest(HookTestCase):
                 mode = os.lstat(os.path.join(folder, name)).st_mode
                 self.assertEqual(mode & 0o777, 0o600 if not stat.S_ISSOCK(mode) else mode & 0o700, name)
         self.assertGreaterEqual(seen, 2, "sessions/ and watch/ at least")
+        from ctl import operations
+        state_check = lambda: next(c for c in operations.doctor(self.broker.port, self.broker.state_dir, [])  # noqa
+                                   if "state directory" in c[1])
+        self.assertTrue(state_check()[0], state_check())
+        os.chmod(os.path.join(self.broker.state_dir, "sessions"), 0o755)
+        ok, what, fix = state_check()
+        self.assertFalse(ok)
+        self.assertIn("chmod 700", fix, "the doctor names the folder and the fix")
 
 
 if __name__ == "__main__":
