@@ -49,3 +49,15 @@ def python_name() -> str:
     short = os.path.basename(sys.executable)
     found = shutil.which(short)
     return short if found and os.path.realpath(found) == os.path.realpath(sys.executable) else "python3"
+
+
+def quiet_pipe(main):
+    """A command piped into `head` ends quietly once its reader has all it wanted: no Broken pipe traceback."""
+    def run(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except BrokenPipeError:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())     # so the exit's flush is quiet too
+            return 0
+    run.__doc__, run.__name__ = main.__doc__, main.__name__
+    return run

@@ -27,7 +27,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from ctl import CHECKOUT, ENTRY_POINTS, common, dialects, entry_command, user_command
+from ctl import CHECKOUT, ENTRY_POINTS, common, dialects, entry_command, quiet_pipe, user_command
 
 SERVER_NAME = "ctl"     # short on purpose: it prefixes every tool name the model sees
 PLUGIN_ID = "ctl@control-tower-lite"
@@ -676,6 +676,7 @@ def status(args) -> int:
 # ---------------------------------------------------------------- main
 
 
+@quiet_pipe
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Register Control Tower Lite's MCP server with your coding agent.")
     parser.add_argument("--client", choices=tuple(CLIENTS), default="claude")

@@ -20,7 +20,7 @@ import sys
 import time
 import webbrowser
 
-from ctl import common, entry_command, operations, user_command
+from ctl import common, entry_command, operations, quiet_pipe, user_command
 from ctl.common import BrokerClient, BrokerUnavailable, StateError, broker_running
 
 
@@ -245,6 +245,7 @@ ACTIONS = {   # option -> (what it does, handler(port, state_dir, args))
 WITH_VALUE = {"archive_room": "NAME", "backup": "FILE", "restore": "FILE", "export": "DIR"}
 
 
+@quiet_pipe
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Start Control Tower Lite and open its dashboard.")
     common.add_location_args(parser)
@@ -264,9 +265,6 @@ def main(argv=None) -> int:
         state_dir = common.resolve_state_dir(args.state_dir)
         handler = ACTIONS[chosen][1] if chosen else launch
         return handler(port, state_dir, args) or 0
-    except BrokenPipeError:                 # `--status | head`: the reader has all it wanted
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
     except (StateError, BrokerUnavailable, operations.OperationError, OSError) as exc:
         print(f"launch: {exc}", file=sys.stderr)
         return 1

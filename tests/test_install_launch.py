@@ -107,6 +107,11 @@ class InstallTest(unittest.TestCase):
         self.assertRegex(result.stderr, r"cannot (read|write) .*a-file")
         self.assertNotIn("Traceback", result.stderr)
 
+    def test_a_reader_that_stops_early_is_no_error(self):
+        piped = subprocess.run(f"'{sys.executable}' '{INSTALL}' --print --hooks | head -1", shell=True, env=self.env,
+                               cwd=self.home, capture_output=True, text=True, timeout=60)
+        self.assertEqual(piped.stderr, "")
+
     def test_project_scope_is_portable_and_minimal(self):
         project = os.path.join(self.home, "proj")
         os.makedirs(project)
