@@ -265,6 +265,8 @@ def main(argv=None) -> int:
         state_dir = common.resolve_state_dir(args.state_dir)
         handler = ACTIONS[chosen][1] if chosen else launch
         return handler(port, state_dir, args) or 0
+    except BrokenPipeError:
+        raise                                   # not a failure: quiet_pipe ends it quietly
     except (StateError, BrokerUnavailable, operations.OperationError, OSError) as exc:
         print(f"launch: {exc}", file=sys.stderr)
         return 1
