@@ -5,7 +5,6 @@ The package holds everything; the checkout's flat files (`broker.py`, `mcp_serve
 `pip install .` adds one package, `ctl`, and no top-level modules.
 """
 import os
-import shutil
 import sys
 
 VERSION = "0.2.0"
@@ -23,10 +22,12 @@ ENTRY_POINTS = {
 
 
 def entry_command(name: str) -> list:
-    """How to run one of our programs with this interpreter: the checkout's file, else the module."""
+    """How to run one of our programs with this interpreter: the checkout's file, else the module. A checkout's
+    file runs with -S: the product needs nothing from site-packages, and skipping `site` (every .pth file of
+    the machine) is most of what a hook costs beyond starting Python at all."""
     flat, module, _ = ENTRY_POINTS[name]
     path = os.path.join(CHECKOUT, flat)
-    return [sys.executable, path] if os.path.isfile(path) else [sys.executable, "-m", module]
+    return [sys.executable, "-S", path] if os.path.isfile(path) else [sys.executable, "-m", module]
 
 
 def user_command(name: str) -> str:
@@ -35,6 +36,7 @@ def user_command(name: str) -> str:
     if os.path.isfile(os.path.join(CHECKOUT, flat)):
         here = os.path.realpath(os.getcwd()) == os.path.realpath(CHECKOUT)
         return f"{python_name()} {flat if here else os.path.join(CHECKOUT, flat)}"
+    import shutil                       # here: every hook imports this package, few of them print a command
     if shutil.which(script):
         return script
     for folder in (os.path.dirname(os.path.abspath(sys.argv[0] or ".")), os.path.dirname(sys.executable)):
@@ -46,6 +48,7 @@ def user_command(name: str) -> str:
 
 def python_name() -> str:
     """The interpreter's short name when PATH finds this very one under it, else `python3`."""
+    import shutil
     short = os.path.basename(sys.executable)
     found = shutil.which(short)
     return short if found and os.path.realpath(found) == os.path.realpath(sys.executable) else "python3"

@@ -2,12 +2,11 @@
 
 A dialect says, for one client: which of its events runs which of our hooks (with what matcher and in
 what timeout unit, for installing them), which of its tools write which files (and which run shell
-commands), and how it reads a refusal. Everything else (the Stop hand-over, the SessionStart briefing,
-a visible warning) is read the same way by all three: `{"decision": "block", "reason": ...}`,
-`hookSpecificOutput.additionalContext`, `systemMessage`.
+commands), how it reads a refusal, and how it takes text at the end of a turn. The rest (the SessionStart
+briefing as `hookSpecificOutput.additionalContext`, a visible warning as `systemMessage`) all three read alike.
 """
 import re
-from dataclasses import dataclass
+from collections import namedtuple
 
 PATCH_PATH = re.compile(r"^\*\*\* (?:Add File|Update File|Delete File|Move to): (.+?)\s*$", re.M)
 
@@ -45,15 +44,14 @@ def block_hand_over(text: str) -> dict:
     return {"decision": "block", "reason": text}
 
 
-@dataclass(frozen=True)
-class Dialect:
-    label: str
-    events: dict            # our hook -> (the client's event name, its matcher or None)
-    writers: dict           # tool name -> arguments -> the paths it writes
-    shells: dict            # tool name -> the argument holding its shell command
-    deny: object            # reason -> the answer that refuses the tool call
-    timeout_scale: int      # the client's unit of a hook timeout, in seconds (1000: milliseconds)
-    hand_over: object = block_hand_over     # text -> the Stop answer that hands it to the model and goes on
+class Dialect(namedtuple("Dialect", "label events writers shells deny timeout_scale hand_over",
+                         defaults=(block_hand_over,))):
+    """label; events: our hook -> (the client's event name, its matcher or None); writers: tool name ->
+    arguments -> the paths it writes; shells: tool name -> the argument holding its shell command; deny:
+    reason -> the answer that refuses the tool call; timeout_scale: the client's unit of a hook timeout, in
+    seconds (1000: milliseconds); hand_over: text -> the Stop answer that hands it to the model and goes on.
+    A named tuple, not a dataclass: `dataclasses` alone would cost every hook run several milliseconds."""
+    __slots__ = ()
 
     def write_targets(self, tool: str, arguments: dict) -> list:
         """The files this file tool will write, as given (relative ones are the caller's to resolve)."""

@@ -58,7 +58,7 @@ class InstallTest(unittest.TestCase):
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertIn("registered in", result.stdout)
         entry = self.read_json(".claude.json")["mcpServers"]["ctl"]
-        self.assertEqual((entry["type"], entry["command"], entry["args"]), ("stdio", sys.executable, [MCP]))
+        self.assertEqual((entry["type"], entry["command"], entry["args"]), ("stdio", sys.executable, ["-S", MCP]))
         stamp = os.stat(os.path.join(self.home, ".claude.json")).st_mtime_ns
         again = self.run_install()
         self.assertIn("nothing changed", again.stdout)
@@ -77,7 +77,7 @@ class InstallTest(unittest.TestCase):
         data = self.read_json(".claude.json")
         self.assertEqual(data["theme"], "dark")
         self.assertEqual(data["mcpServers"]["other"], {"command": "other-server"})
-        self.assertEqual(data["mcpServers"]["ctl"]["args"], [MCP, "--port", "7999"])
+        self.assertEqual(data["mcpServers"]["ctl"]["args"], ["-S", MCP, "--port", "7999"])
         with open(os.path.join(self.home, ".claude.json")) as handle:
             self.assertIn('\n    "theme": "dark"', handle.read(), "the file keeps its own indentation")
         self.assertEqual([p for p in os.listdir(self.home) if "backup" in p], [])
@@ -87,7 +87,7 @@ class InstallTest(unittest.TestCase):
     def test_ctl_port_is_recorded(self):
         self.env["CTL_PORT"] = "7555"
         self.run_install()
-        self.assertEqual(self.read_json(".claude.json")["mcpServers"]["ctl"]["args"], [MCP, "--port", "7555"])
+        self.assertEqual(self.read_json(".claude.json")["mcpServers"]["ctl"]["args"], ["-S", MCP, "--port", "7555"])
 
     def test_malformed_file_is_never_overwritten(self):
         path = os.path.join(self.home, ".claude.json")
@@ -124,7 +124,7 @@ class InstallTest(unittest.TestCase):
         with open(os.path.join(project, ".mcp.json")) as handle:
             written = handle.read()
         entry = json.loads(written)["mcpServers"]["ctl"]
-        self.assertEqual((entry["command"], entry["args"]), ("python3", [MCP]), "no machine-specific interpreter")
+        self.assertEqual((entry["command"], entry["args"]), ("python3", ["-S", MCP]), "no machine-specific interpreter")
         old_lines, new_lines = existing.splitlines(), written.splitlines()
         self.assertTrue(all(line in new_lines for line in old_lines[:-2]), "only lines added: a minimal diff")
         self.assertFalse(os.path.exists(os.path.join(self.home, ".claude.json")))
@@ -155,7 +155,7 @@ class InstallTest(unittest.TestCase):
         self.assertIn(f'command = {json.dumps(sys.executable)}', text)
         if sys.version_info >= (3, 11):
             import tomllib
-            self.assertEqual(tomllib.loads(text)["mcp_servers"]["ctl"]["args"], [MCP])
+            self.assertEqual(tomllib.loads(text)["mcp_servers"]["ctl"]["args"], ["-S", MCP])
         self.assertIn('"ctl"', self.run_install("--client", "gemini", "--print").stdout)
 
     def test_hooks_are_installed_idempotently_and_removed_exactly(self):
