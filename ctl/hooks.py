@@ -290,6 +290,11 @@ def claim_reminder(peer: Peer):
 # ---------------------------------------------------------------- SessionStart: a briefing
 
 
+BRIEFING_NEXT = {"architect": "Next: plan the work with create_task (depends_on orders it); record decisions with "
+                              "set_memory; check for blockers.",
+                 "worker": "Next: claim_task, do it, complete_task with a summary; check between tasks."}
+
+
 def session_start(event: dict, peer: Peer) -> None:
     status, peers = peer.call("GET", "/peers")
     if status != 200:
@@ -303,11 +308,14 @@ def session_start(event: dict, peer: Peer) -> None:
     mine = [f"#{t['id']}" for t in claimed.get("tasks", []) if t.get("assignee") == name]
     my_locks = [lock["path"] for lock in locks.get("locks", []) if lock["holder"] == name]
     unread = peer.client.headers.get("x-ctl-unread", "0").split(";")[0]
+    room = peer.client.headers.get("x-ctl-room", "running")
     lines = [f"Control Tower Lite: you are {name} ({me['role']}) in room {peer.binding['room']}.",
+             *([ROOM_NOTICE[room]] if room in ROOM_NOTICE else []),
              f"Here: {', '.join(others) or 'nobody else yet'}.",
              f"Your claims: {', '.join(mine) or 'none'}; your locks: {len(my_locks)}; "
              f"ready tasks: {ready.get('counts', {}).get('ready', 0)}; unread messages: {unread}.",
-             "Edits to files another peer has locked are refused; your own edits lock their files for you."]
+             "Edits to files another peer has locked are refused; your own edits lock their files for you.",
+             BRIEFING_NEXT.get(me["role"], BRIEFING_NEXT["worker"])]
     emit({"hookSpecificOutput": {"hookEventName": "SessionStart", "additionalContext": "\n".join(lines)}})
 
 

@@ -191,6 +191,9 @@ class StopAndStartTest(HookTestCase):
         self.assertIn("lead (architect)", text)
         self.assertIn("Your claims: #1; your locks: 1", text)
         self.assertIn("unread messages: 1", text)
+        self.assertIn("Next: claim_task", text.splitlines()[-1])
+        self.assertIn("Next: plan the work", lead.hook("SessionStart", {"source": "startup"})[1]
+                      ["hookSpecificOutput"]["additionalContext"], "the briefing fits the role")
 
 
 class GitGuardTest(HookTestCase):
