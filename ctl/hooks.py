@@ -24,7 +24,7 @@ import os
 import sys
 import time
 
-from ctl import common, dialects, identity, paths, shellwrites, user_command
+from ctl import common, dialects, identity, paths, user_command
 from ctl.common import BrokerClient, BrokerUnavailable, StateError
 from ctl.render import render_messages, when
 
@@ -177,6 +177,7 @@ def others_locks(peer: Peer, memo: dict):
 def shell_guard(command: str, cwd: str, tool: str, event: dict, peer: Peer) -> None:
     """Deny a command that names a file another peer holds; otherwise note the state of every such file, so
     the call's PostToolUse can tell whether one changed anyway. Never locks: a shell names too many files."""
+    from ctl import shellwrites         # here, not at the top: an edit's hook never pays for compiling it
     root = peer.binding["root"]
     memo = peer.memo()
     held, stale = others_locks(peer, memo)
