@@ -261,6 +261,10 @@ def r_inbox(broker, actor, q):
     watches_room = q["state"] is not None or q["ready"] is not None
 
     def news(peer, batch) -> bool:
+        if watches_room:
+            batch["wake"] = broker.store.room_wakes.get(peer["room_id"], "on")
+            if batch["wake"] == "never":
+                return True                     # the waiter ends at once: the human turned waking off
         if q["ready"] is not None:
             batch["ready"] = broker.store.ready_for(peer)
         if batch["messages"] or batch.get("ready", 0) > (q["ready"] or 0):
@@ -349,6 +353,10 @@ def r_state(broker, actor, q):
 
 def r_room_state(state, lift_kicks=False):
     return lambda broker, actor, b: broker.store.set_room_state(actor.room_id, state, lift_kicks, time.time())
+
+
+def r_wake(broker, actor, b):
+    return broker.store.set_wake(actor.room_id, b["wake"], time.time())
 
 
 def r_archive(broker, actor, b):
@@ -441,8 +449,9 @@ ROUTES = {
     ("POST", "/operator/stop"): Route(r_room_state("stopped"), OPERATOR, {}),
     ("POST", "/operator/reset"): Route(r_room_state("running", lift_kicks=True), OPERATOR, {}),
     ("POST", "/operator/archive"): Route(r_archive, OPERATOR, {}),
+    ("POST", "/operator/wake"): Route(r_wake, OPERATOR, {"wake": Field("enum", choices=("on", "never"), required=True)}),
     ("POST", "/operator/kick"): Route(r_kick, OPERATOR, {"name": Field("name", required=True)}),
-    ("POST", "/operator/inject"): Route(r_send, OPERATOR, SEND_SCHEMA),
+    ("POST", "/operator/inject"): Route(r_send, OPERATOR, SEND_SCHEMA, precheck=p_send),
     ("POST", "/operator/unlock"): Route(r_unlock, OPERATOR, {"path": Field("text", required=True, limit=4096)}),
     ("POST", "/operator/release"): Route(r_release, OPERATOR, {"task_id": TASK_ID}),
     ("POST", "/operator/architect"): Route(r_architect, OPERATOR, {"name": Field("name_or_null", required=True)}),

@@ -501,6 +501,8 @@ def look(peer: Peer, known_ready):
         return wake(WAKE_NOTICE["archived"]), None, known_ready
     if status != 200:
         return None, None, known_ready
+    if batch.get("wake") == "never":
+        return 0, None, known_ready                         # the human turned waking off for this room
     if known_ready is None:                                 # the first look: what is known now is no news
         known_ready = batch["ready"]
         if "told_room" not in memo:

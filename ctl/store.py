@@ -24,7 +24,8 @@ SCHEMA_VERSION = 3
 SCHEMA = """
 CREATE TABLE rooms(
   id INTEGER PRIMARY KEY, key TEXT NOT NULL, name TEXT NOT NULL, root TEXT,
-  state TEXT NOT NULL DEFAULT 'running', created_at REAL NOT NULL, archived_at REAL, seat_peer INTEGER);
+  state TEXT NOT NULL DEFAULT 'running', created_at REAL NOT NULL, archived_at REAL, seat_peer INTEGER,
+  wake TEXT NOT NULL DEFAULT 'on');
 CREATE UNIQUE INDEX rooms_open_key ON rooms(key) WHERE archived_at IS NULL;
 CREATE UNIQUE INDEX rooms_open_name ON rooms(name) WHERE archived_at IS NULL;
 CREATE TABLE peers(
@@ -117,7 +118,13 @@ def _migrate_v2(db) -> None:
     db.execute("ALTER TABLE rooms DROP COLUMN seat")
 
 
-MIGRATIONS = {1: _migrate_v1, 2: _migrate_v2}   # from version N to N+1; a v1 database has user_version 0 and a `room` table
+def _migrate_v3(db) -> None:
+    """v4: whether idle sessions of a room are woken (hook.py Wait), set by the human per room."""
+    if "wake" not in {r[1] for r in db.execute("PRAGMA table_info(rooms)")}:
+        db.execute("ALTER TABLE rooms ADD COLUMN wake TEXT NOT NULL DEFAULT 'on'")
+
+
+MIGRATIONS = {1: _migrate_v1, 2: _migrate_v2, 3: _migrate_v3}   # from version N to N+1; a v1 database has user_version 0 and a `room` table
 
 
 class _Script:
@@ -321,8 +328,9 @@ class Store:
 
     def _load_rooms(self) -> None:
         """Room states and which rooms are archived: read on every request, so kept in memory."""
-        rows = self.db.execute("SELECT id, state, archived_at FROM rooms").fetchall()
+        rows = self.db.execute("SELECT id, state, archived_at, wake FROM rooms").fetchall()
         self.room_states = {r["id"]: r["state"] for r in rows}
+        self.room_wakes = {r["id"]: r["wake"] for r in rows}
         self.archived = {r["id"] for r in rows if r["archived_at"] is not None}
 
     def durability(self, promised: bool) -> None:
@@ -1190,6 +1198,17 @@ class Store:
         self.wake_everyone = True
         return {"room": state}
 
+    def set_wake(self, room_id: int, wake: str, now: float) -> dict:
+        """"never": no idle session of this room is woken; a waiting one ends at its next look."""
+        with self.tx():
+            self._open_room(room_id)
+            self.db.execute("UPDATE rooms SET wake=? WHERE id=?", (wake, room_id))
+            self._event(room_id, now, "room_wake", "operator", wake)
+            self._changed()
+        self.room_wakes[room_id] = wake
+        self.wake_everyone = True
+        return {"wake": wake}
+
     def _live_peer(self, room_id: int, name: str, now: float):
         row = self._peer_by_name(room_id, name)
         if row is None or row["status"] != "active":
@@ -1270,7 +1289,7 @@ class Store:
         view["room"] = {"id": room_id, "name": room["name"], "root": room["root"], "state": room["state"],
                         "archived": room["archived_at"] is not None, "seat": self.seat_holder(room),
                         "architect": architect["name"] if architect else None,
-                        "seat_text": self.seat_text(room, now)}
+                        "seat_text": self.seat_text(room, now), "wake": room["wake"]}
         peers = self.db.execute("SELECT * FROM peers WHERE room_id=? AND status != 'left' ORDER BY id LIMIT 500",
                                 (room_id,)).fetchall()
         claims, locks, unread = {}, {}, {}

@@ -253,6 +253,22 @@ class MigrationTest(unittest.TestCase):
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
+    def test_a_v3_room_wakes_its_sessions(self):
+        folder = tempfile.mkdtemp(prefix="ctl-v3-")
+        path = os.path.join(folder, "broker.db")
+        try:
+            db = store.open_database(path)
+            db.execute("INSERT INTO rooms(id, key, name, created_at) VALUES(1, 'name:r', 'r', 0)")
+            db.execute("ALTER TABLE rooms DROP COLUMN wake")
+            db.execute("PRAGMA user_version=3")
+            db.close()
+            db = store.open_database(path)
+            self.assertEqual(db.execute("SELECT wake FROM rooms").fetchall()[0][0], "on")
+            self.assertEqual(db.execute("PRAGMA user_version").fetchone()[0], 4)
+            db.close()
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
     def test_a_newer_schema_is_refused_with_a_clear_message(self):
         broker = BrokerProcess()
         os.makedirs(broker.state_dir, mode=0o700)

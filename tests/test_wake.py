@@ -324,6 +324,16 @@ class WaitHookTest(unittest.TestCase):
         self.assertEqual(self.session.hook("Wait", env={"CTL_WAKE": "never"}), (0, None, ""))
         self.assertLess(time.monotonic() - started, 5)
 
+    def test_a_room_set_to_never_wake_ends_its_waiters_and_starts_none(self):
+        waiter = Waiter(self.session)
+        self.waiting_pid()
+        self.broker.operator().ok("POST", "/operator/wake", {"wake": "never"})
+        self.assertEqual(waiter.outcome()[0], 0, "a waiting one ends without waking the session")
+        self.broker.operator().ok("POST", "/tasks", {"title": "not worth waking for"})
+        self.assertEqual(self.session.hook("Wait")[0], 0, "and a new one ends at once")
+        self.assertIn("on", self.broker.operator().ok("POST", "/operator/wake", {"wake": "on"})["wake"])
+        self.assertEqual(self.broker.operator().ok("GET", "/state")["room"]["wake"], "on")
+
     def test_the_waiter_ends_with_its_session(self):
         Waiter(self.session)
         pid = self.waiting_pid()
