@@ -451,7 +451,7 @@ ROUTES = {
     ("POST", "/operator/archive"): Route(r_archive, OPERATOR, {}),
     ("POST", "/operator/wake"): Route(r_wake, OPERATOR, {"wake": Field("enum", choices=("on", "never"), required=True)}),
     ("POST", "/operator/kick"): Route(r_kick, OPERATOR, {"name": Field("name", required=True)}),
-    ("POST", "/operator/inject"): Route(r_send, OPERATOR, SEND_SCHEMA, precheck=p_send),
+    ("POST", "/operator/inject"): Route(r_send, OPERATOR, SEND_SCHEMA),
     ("POST", "/operator/unlock"): Route(r_unlock, OPERATOR, {"path": Field("text", required=True, limit=4096)}),
     ("POST", "/operator/release"): Route(r_release, OPERATOR, {"task_id": TASK_ID}),
     ("POST", "/operator/architect"): Route(r_architect, OPERATOR, {"name": Field("name_or_null", required=True)}),
