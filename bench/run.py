@@ -5,7 +5,7 @@ alternating, medians of rounds.
     python3 bench/run.py [--rounds 3] [--quick]
 
 Creates a throwaway virtual environment for Caucus under bench/.venv-caucus on first use, and extracts the
-previous code (BASELINE, the commit before the group-commit work) with `git archive` so it runs beside the
+previous code (BASELINE, the last release before this round of work) with `git archive` so it runs beside the
 current one. Prints one table and writes it, with the machine and the date, to bench/RESULTS.md. Rate
 limits are raised for the run on all sides; everything else runs with its defaults, including our fsync
 on every commit (Caucus keeps its state in memory).
@@ -31,7 +31,7 @@ sys.path.insert(0, ROOT)
 from ctl import common as ctl_common  # noqa: E402
 
 CAUCUS_VENV = os.path.join(HERE, ".venv-caucus")
-BASELINE = "f257edc9451073199135f04e26c011e2227264f2"    # the last commit before rooms and group commit
+BASELINE = "1626e2179df55519ecf2ab26ba67255b7ead0979"    # the last release before this round of work
 CAUCUS_HUB = """
 import sys
 import caucus.hub as hub
@@ -153,25 +153,23 @@ class Ours:
         return {"kind": self.kind, "port": self.port, "name": name, "token": data["token"]}
 
     def mcp_command(self):
-        return [sys.executable, os.path.join(self.code, "mcp_server.py")], {"CTL_PORT": str(self.port),
-                                                                            "CTL_STATE_DIR": self.state}
+        """The server as the plugin's .mcp.json starts it."""
+        with open(os.path.join(self.code, ".mcp.json")) as handle:
+            server = json.load(handle)["mcpServers"]["ctl"]
+        command = [server["command"]] + [a.replace("${CLAUDE_PLUGIN_ROOT}", self.code) for a in server["args"]]
+        return command, {"CTL_PORT": str(self.port), "CTL_STATE_DIR": self.state}
 
 
 class Previous(Ours):
-    """Our code as it was before this round of work: one machine-wide room, a commit per request, and a
-    delivery costs send, read and a separate acknowledgement."""
+    """Our code as it was before this round of work (BASELINE), which speaks the same HTTP API: rooms, group
+    commit, the ack cursor, and an fsync on every commit."""
     name = "previous Control Tower Lite"
-    kind = "previous"
-    requests_per_delivery = 3
 
     def __init__(self):
         super().__init__()
         self.code = tempfile.mkdtemp(prefix="ctl-baseline-")
         archive = subprocess.run(["git", "-C", ROOT, "archive", BASELINE], capture_output=True, check=True).stdout
         subprocess.run(["tar", "-x", "-C", self.code], input=archive, check=True)
-
-    def join_body(self, name: str, room: str) -> dict:
-        return {"name": name}
 
     def cleanup(self):
         super().cleanup()
@@ -226,26 +224,20 @@ class Client:
         self.peer, self.http, self.seq = peer, Http(peer["port"]), None
 
     def send(self, to: str, content: str) -> None:
-        if self.peer["kind"] in ("ours", "previous"):
+        if self.peer["kind"] == "ours":
             status, data = self.http.call("POST", "/messages", {"to": to, "content": content}, token=self.peer["token"])
         else:
             status, data = self.http.call("POST", "/send", {"token": self.peer["token"], "to": to, "content": content})
         assert status == 200, data
 
     def receive(self, wait: int) -> list:
-        """Wait for messages and acknowledge them: ours by the ack cursor on the next read, the previous code
-        by a separate ack request, Caucus by its ack_seq on the next poll (the same idea as our cursor)."""
+        """Wait for messages and acknowledge them: ours by the ack cursor on the next read, Caucus by its
+        ack_seq on the next poll (the same idea as our cursor)."""
         if self.peer["kind"] == "ours":
             ack = f"&ack={self.seq}" if self.seq is not None else ""
             status, data = self.http.call("GET", f"/inbox?wait={wait}&limit=100{ack}", token=self.peer["token"])
             if data["messages"]:
                 self.seq = data["messages"][-1]["delivery_id"]
-            return [m["content"] for m in data["messages"]]
-        if self.peer["kind"] == "previous":
-            status, data = self.http.call("GET", f"/inbox?wait={wait}&limit=100", token=self.peer["token"])
-            if data["messages"]:
-                self.http.call("POST", "/inbox/ack", {"ids": [m["delivery_id"] for m in data["messages"]]},
-                               token=self.peer["token"])
             return [m["content"] for m in data["messages"]]
         ack = f"&ack_seq={self.seq}" if self.seq is not None else ""
         status, data = self.http.call("GET", f"/receive?timeout={wait}{ack}", token=self.peer["token"])
@@ -524,9 +516,18 @@ def scale_costs(tasks: int, messages: int, rounds: int = 3, per_run: int = 700) 
         full.cleanup()
 
 
+def plugin_hook_command(event: str) -> str:
+    """The plugin's command for one hook event, as hooks/hooks.json gives it to Claude Code's shell."""
+    with open(os.path.join(ROOT, "hooks", "hooks.json")) as handle:
+        groups = json.load(handle)["hooks"][event]
+    return groups[0]["hooks"][0]["command"].replace("${CLAUDE_PLUGIN_ROOT}", ROOT)
+
+
 def hook_latency(ours, runs: int) -> dict:
-    """The PreToolUse hook process, started by a stand-in for Claude Code the way Claude Code starts it:
-    median and p99 ms for an edit inside the project (a lock taken) and outside it (no broker call)."""
+    """The PreToolUse hook process, started the way Claude Code starts it (the plugin's command through
+    /bin/sh, a child of the session's agent process), alternating with a bare `python3 -S -c pass` started
+    the same way: median and p99 ms for an edit inside the project (a lock taken), one outside it (no broker
+    call), and bare Python."""
     import socket
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     from agent_shim import read_line
@@ -544,29 +545,34 @@ def hook_latency(ours, runs: int) -> dict:
     agent.stdout.readline()
     bindings, deadline = os.path.join(ours.state, "sessions"), time.time() + 10
     while time.time() < deadline and not (os.path.isdir(bindings) and os.listdir(bindings)):
-        time.sleep(0.05)            # the server joins in the background and binds itself to its agent
-    results = {}
+        time.sleep(0.05)            # the server binds itself to its agent (it joins at the first hook)
+
+    def run(command: str, stdin: str) -> float:
+        request = {"argv": ["/bin/sh", "-c", command], "cwd": project, "stdin": stdin, "env": {}}
+        started = time.perf_counter()
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.connect(shim_socket)
+            sock.sendall(json.dumps(request).encode() + b"\n")
+            reply = read_line(sock)
+        assert json.loads(reply)["code"] == 0, reply
+        return (time.perf_counter() - started) * 1000
+
+    hook = plugin_hook_command("PreToolUse")
+    bare = "python3 -S -c pass"
+    timings = {"inside the project": [], "outside the project": [], "bare python3 -S -c pass": []}
     try:
-        for label, folder in (("inside the project", project), ("outside the project", tempfile.gettempdir())):
-            timings = []
-            for i in range(runs):
+        run(hook, json.dumps({"tool_name": "Edit", "cwd": project, "hook_event_name": "PreToolUse",
+                              "tool_input": {"file_path": os.path.join(project, "warm.py")}}))    # joins
+        for i in range(runs):
+            for label, folder in (("inside the project", project), ("outside the project", tempfile.gettempdir())):
                 event = {"tool_name": "Edit", "cwd": project, "hook_event_name": "PreToolUse",
                          "tool_input": {"file_path": os.path.join(folder, f"f{i}.py")}}
-                request = {"argv": [sys.executable, os.path.join(ROOT, "hook.py"), "PreToolUse"], "cwd": project,
-                           "stdin": json.dumps(event), "env": {}}
-                started = time.perf_counter()
-                with socket.socket(socket.AF_UNIX) as sock:
-                    sock.connect(shim_socket)
-                    sock.sendall(json.dumps(request).encode() + b"\n")
-                    reply = read_line(sock)
-                timings.append((time.perf_counter() - started) * 1000)
-                assert json.loads(reply)["code"] == 0
-            timings.sort()
-            results[label] = (statistics.median(timings), percentile(timings, 0.99))
+                timings[label].append(run(hook, json.dumps(event)))
+            timings["bare python3 -S -c pass"].append(run(bare, ""))
     finally:
         agent.kill()
         agent.wait()
-    return results
+    return {label: (statistics.median(t), percentile(sorted(t), 0.99)) for label, t in timings.items()}
 
 
 def filter_cost() -> dict:
@@ -611,6 +617,16 @@ def cold_start(system, runs: int) -> tuple:
         proc.wait()
     shutil.rmtree(workdir, ignore_errors=True)
     return statistics.median(timings), size
+
+
+def bare_start(runs: int) -> float:
+    """Median ms to spawn and reap `python3 -S -c pass`: the floor every Python process pays."""
+    timings = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        subprocess.run(["python3", "-S", "-c", "pass"], check=True)
+        timings.append((time.perf_counter() - started) * 1000)
+    return statistics.median(timings)
 
 
 def mcp_session(ours, name: str, push: bool):
@@ -715,6 +731,8 @@ def alternate(rounds: int, systems: list, measure) -> dict:
 
 
 def main() -> int:
+    # A user's Python writes bytecode caches; a machine that forbids it would time recompiling every module.
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="shorter runs, for trying the bench out")
@@ -781,13 +799,19 @@ def main() -> int:
         row("claim race, 20 claimers × 200 tasks", "claims/s", race["requests_per_s"], "n/a (no tasks)", "higher")
         row("claim race: exactly one winner per task", "", "yes" if race["exactly_one"] else "NO", "n/a", "")
         got = alternate(args.rounds, systems, lambda s: cold_start(s, 7))
-        row("MCP cold start (spawn → initialize + tools/list)", "ms", statistics.median(t for t, _ in got[ours.name]),
+        bare = statistics.median(bare_start(7) for _ in range(args.rounds))
+        started = statistics.median(t for t, _ in got[ours.name])
+        row("MCP cold start (spawn → initialize + tools/list)", "ms", started,
             statistics.median(t for t, _ in got[caucus.name]) if caucus else "n/a", "lower")
+        row("  against bare python3 -S -c pass", "ms", f"{started:.1f} vs {bare:.1f} ({started / bare:.2f}×)", "", "")
+        row("  previous code", "ms", statistics.median(t for t, _ in got[previous.name]), started, "lower", "ours")
         row("tools/list result size", "bytes", got[ours.name][0][1], got[caucus.name][0][1] if caucus else "n/a", "lower")
         hooks = hook_latency(ours, 20 if args.quick else 60)
+        bare_median = hooks["bare python3 -S -c pass"][0]
         for label, (median, p99) in hooks.items():
-            row(f"PreToolUse hook process, edit {label}, median / p99", "ms", f"{median:.1f} / {p99:.1f}",
-                "n/a (no hooks)", "")
+            times = "" if label.startswith("bare") else f" ({median / bare_median:.2f}× bare Python)"
+            row(f"PreToolUse hook process through /bin/sh, {label}, median / p99", "ms",
+                f"{median:.1f} / {p99:.1f}{times}", "n/a (no hooks)", "")
         mem = {s.name: memory(s, flood) for s in systems if s is not previous}
         row("broker RSS, idle", "KiB", mem[ours.name][0], mem[caucus.name][0] if caucus else "n/a", "lower")
         row(f"broker RSS after {flood:,} messages", "KiB", mem[ours.name][1], mem[caucus.name][1] if caucus else "n/a",
@@ -817,7 +841,8 @@ def main() -> int:
               f"systems; medians. Caucus is caucus-mcp from PyPI in a throwaway virtual environment, its hub and "
               f"caucus-bridge. The previous code is commit {BASELINE[:10]}, extracted with git archive and run "
               f"beside the current one. Rate limits raised for the run everywhere. Control Tower Lite fsyncs every "
-              f"commit (WAL, synchronous=FULL); Caucus keeps state in memory. CPU per request is the broker "
+              f"commit holding a change a client is told is stored (WAL, synchronous=FULL; acks and heartbeats "
+              f"alone are not fsynced, see SECURITY.md); Caucus keeps state in memory. CPU per request is the broker "
               f"process's user+system time from /proc over the run, divided by the requests it answered.\n\n"
               + "\n".join(table) + "\n")
     print("\n" + "\n".join(table))
