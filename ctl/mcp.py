@@ -594,10 +594,11 @@ TOOLS = [
          _obj(["task_id", "summary"], task_id=TASK_ID_SCHEMA, summary=_text(2000, minLength=1),
               files={"type": "array", "items": _text(1024), "maxItems": 100}),
          TASK_OUT, _writes(), t_complete_task),
-    Tool("lock_file", "Lock a file", "Reserve a file in your project before editing it, so no peer edits it too.",
+    Tool("lock_file", "Lock a file", "Reserve a file of your project before editing it, so no peer edits it too. "
+         "A relative path is read from the folder you work in; a file that does not exist yet may be locked.",
          _obj(["path"], path=_text(1024, minLength=1), reason=_text(200)),
          _out(["path", "holder"], path=STR, holder=STR), _writes(idempotent=True), t_lock_file),
-    Tool("unlock_file", "Unlock a file", "Release a file you locked.",
+    Tool("unlock_file", "Unlock a file", "Release a file you locked (its path as for lock_file).",
          _obj(["path"], path=_text(1024, minLength=1)), _out(["unlocked"], unlocked=STR),
          _writes(destructive=True, idempotent=True), t_unlock_file),
     Tool("set_memory", "Set shared memory", "Architect only: store a decision under a key, readable by all.",
