@@ -14,6 +14,7 @@ fail() { echo "FAILED: $*"; exit 1; }
 python3 "$checkout/install.py" --hooks
 listing=$(timeout 120 claude mcp list 2>&1); echo "$listing"
 grep -Eq '^ctl: .*Connected' <<<"$listing" || fail "claude mcp list does not show ctl connected"
+! python3 "$checkout/launch.py" --status >/dev/null 2>&1 || fail "claude mcp list left a broker running (a health check must leave no trace)"
 python3 "$checkout/install.py" --uninstall
 if [ -f "$HOME/.claude.json" ] && grep -q '"ctl"' "$HOME/.claude.json"; then fail "uninstall left our entry"; fi
 
