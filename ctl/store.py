@@ -20,7 +20,7 @@ from ctl import paths
 from ctl.names import name_skeleton, reads_as_authority
 from ctl.retention import Retention
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 SCHEMA = """
 CREATE TABLE rooms(
   id INTEGER PRIMARY KEY, key TEXT NOT NULL, name TEXT NOT NULL, root TEXT,
@@ -711,8 +711,8 @@ class Store:
             return [r for r in self.db.execute("SELECT * FROM peers WHERE room_id=? AND status='active' ORDER BY id",
                                                 (room_id,)) if r["id"] != sender_id and self._is_alive(r, now)]
         if to == "architect":
-            target = self.db.execute("SELECT * FROM peers WHERE room_id=? AND role='architect' AND status='active'",
-                                     (room_id,)).fetchone()
+            room = self.room(room_id)
+            target = self.peer_by_id(room["seat_peer"]) if room["seat_peer"] else None
             if target is None:
                 raise ApiError(404, "no_architect", f"{self.seat_text(room, now)}; meanwhile send to a peer by name "
                                                     "or to \"*\"")
