@@ -130,8 +130,10 @@ class BrokerFuzzTest(unittest.TestCase):
             for token in old:
                 self.broker.request("POST", "/leave", {}, token=token)
             self.broker.request("POST", "/operator/reset", {"room": 1}, token=operator)
-            architect = self.broker.join("a-fz", role="architect")
+            architect = self.broker.join("a-fz")
             worker = self.broker.join("w-fz")
+            # the architect that left gave the seat back to the human, who hands it to the new one
+            self.broker.request("POST", "/operator/architect", {"room": 1, "name": "a-fz"}, token=operator)
             return [worker.token, architect.token, operator] * 3
 
         tokens = peers()
