@@ -3,8 +3,10 @@
 A dialect says, for one client: which of its events runs which of our hooks (with what matcher and in
 what timeout unit, for installing them), which of its tools write which files (and which run shell
 commands), how it reads a refusal, and how it takes text at the end of a turn. The rest (the SessionStart
-briefing as `hookSpecificOutput.additionalContext`, a visible warning as `systemMessage`) all three read alike.
+briefing and the report after a shell call as `hookSpecificOutput.additionalContext`, a visible warning
+as `systemMessage`) all three read alike.
 """
+import os
 import re
 from collections import namedtuple
 
@@ -47,7 +49,8 @@ def block_hand_over(text: str) -> dict:
 class Dialect(namedtuple("Dialect", "label events writers shells deny timeout_scale hand_over",
                          defaults=(block_hand_over,))):
     """label; events: our hook -> (the client's event name, its matcher or None); writers: tool name ->
-    arguments -> the paths it writes; shells: tool name -> the argument holding its shell command; deny:
+    arguments -> the paths it writes; shells: tool name -> (the argument holding its shell command, the one
+    naming the folder it runs in, relative to the session's, or None); deny:
     reason -> the answer that refuses the tool call; timeout_scale: the client's unit of a hook timeout, in
     seconds (1000: milliseconds); hand_over: text -> the Stop answer that hands it to the model and goes on.
     A named tuple, not a dataclass: `dataclasses` alone would cost every hook run several milliseconds."""
@@ -59,28 +62,37 @@ class Dialect(namedtuple("Dialect", "label events writers shells deny timeout_sc
 
     def shell_command(self, tool: str, arguments: dict):
         """The command line of a shell tool's call (for shellwrites.write_targets), else None."""
-        command = arguments.get(self.shells[tool]) if tool in self.shells else None
+        command = arguments.get(self.shells[tool][0]) if tool in self.shells else None
         return command if isinstance(command, str) else None
+
+    def shell_folder(self, tool: str, arguments: dict, cwd: str) -> str:
+        """The folder a shell tool's command runs in: the session's, or the one the call names below it."""
+        folder = arguments.get(self.shells[tool][1]) if tool in self.shells and self.shells[tool][1] else None
+        return os.path.join(cwd, folder) if isinstance(folder, str) and folder else cwd
 
 
 def matcher(*tools) -> str:
     return "^(" + "|".join(re.escape(t) for t in tools) + ")$"
 
 
-CLAUDE_WRITERS = {"Edit": field("file_path"), "Write": field("file_path"), "MultiEdit": field("file_path"),
-                  "NotebookEdit": field("notebook_path")}
+CLAUDE_WRITERS = {"Edit": field("file_path"), "Write": field("file_path"), "NotebookEdit": field("notebook_path")}
+CLAUDE_SHELLS = {"Bash": ("command", None), "Monitor": ("command", None)}     # Monitor runs its command in the background
 CODEX_WRITERS = {"apply_patch": patch_paths}
+CODEX_SHELLS = {"Bash": ("command", None)}      # its exec_command tool, as its hooks name it (`cmd` becomes `command`)
 GEMINI_WRITERS = {"write_file": field("file_path"), "replace": field("file_path")}
+GEMINI_SHELLS = {"run_shell_command": ("command", "dir_path")}
 
 CLIENTS = {
     "claude": Dialect("Claude Code", {},         # its hooks: install.HOOK_EVENTS and the plugin's hooks.json
-                      CLAUDE_WRITERS, {"Bash": "command"}, permission_deny, 1, context_hand_over),
+                      CLAUDE_WRITERS, CLAUDE_SHELLS, permission_deny, 1, context_hand_over),
     "codex": Dialect("Codex CLI",
-                     {"PreToolUse": ("PreToolUse", matcher(*CODEX_WRITERS, "Bash")),
+                     {"PreToolUse": ("PreToolUse", matcher(*CODEX_WRITERS, *CODEX_SHELLS)),
+                      "PostToolUse": ("PostToolUse", matcher(*CODEX_SHELLS)),
                       "Stop": ("Stop", None), "SessionStart": ("SessionStart", None)},
-                     CODEX_WRITERS, {"Bash": "command"}, permission_deny, 1),
+                     CODEX_WRITERS, CODEX_SHELLS, permission_deny, 1),
     "gemini": Dialect("Gemini CLI",
-                      {"PreToolUse": ("BeforeTool", matcher(*GEMINI_WRITERS, "run_shell_command")),
+                      {"PreToolUse": ("BeforeTool", matcher(*GEMINI_WRITERS, *GEMINI_SHELLS)),
+                       "PostToolUse": ("AfterTool", matcher(*GEMINI_SHELLS)),
                        "Stop": ("AfterAgent", None), "SessionStart": ("SessionStart", None)},
-                      GEMINI_WRITERS, {"run_shell_command": "command"}, decision_deny, 1000),
+                      GEMINI_WRITERS, GEMINI_SHELLS, decision_deny, 1000),
 }

@@ -1,9 +1,10 @@
 """Claude Code hooks that make coordination bind: thin entry points over the same client code.
 
     hook.py PreToolUse      before Edit/Write/NotebookEdit: deny a path another peer holds; otherwise take the
-                            lock for this session ("auto: <tool>") and let the edit run. Before Bash: deny a
-                            command that names a file another peer holds (shellwrites.py); note the rest
-    hook.py PostToolUse     after Bash: a file another peer holds that changed anyway is told to the model and
+                            lock for this session ("auto: <tool>") and let the edit run. Before a shell tool
+                            (Bash, Monitor; the others' in dialects.py): deny a command that names a file
+                            another peer holds (shellwrites.py); note the rest
+    hook.py PostToolUse     after a shell tool: a file another peer holds that changed anyway is told to the model and
                             reported to the holder and the human (never undone)
     hook.py Stop            before the model ends its turn: hand it unread messages (and the human's stop
                             or pause), fenced exactly as `check` shows them; remind an idle worker once
@@ -90,7 +91,7 @@ def pre_tool_use(event: dict, peer: Peer) -> None:
     cwd = event.get("cwd") or root
     command = DIALECT.shell_command(tool, arguments)
     if command is not None:
-        shell_guard(command, cwd, tool, event, peer)
+        shell_guard(command, DIALECT.shell_folder(tool, arguments, cwd), tool, event, peer)
         return
     for target in DIALECT.write_targets(tool, arguments):
         path = os.path.realpath(target if os.path.isabs(target) else os.path.join(cwd, target))
@@ -152,9 +153,11 @@ def file_state(path: str):
 
 
 def snapshot_path(peer: Peer, event: dict) -> str:
-    """One file per tool call (its tool_use_id): calls that run in parallel keep their own snapshots."""
+    """One file per tool call: calls that run in parallel keep their own snapshots. The call is its tool_use_id,
+    or where the client sends none (Gemini CLI) its tool and arguments, which its before and after events share."""
     import hashlib
-    call = hashlib.sha256(str(event.get("tool_use_id", "")).encode()).hexdigest()[:16]
+    call = event.get("tool_use_id") or json.dumps([event.get("tool_name"), event.get("tool_input")], sort_keys=True)
+    call = hashlib.sha256(str(call).encode()).hexdigest()[:16]
     return peer.memo_path()[:-len(".memo.json")] + f".call-{call}.json"
 
 

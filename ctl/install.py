@@ -32,8 +32,8 @@ from ctl import CHECKOUT, ENTRY_POINTS, common, dialects, entry_command, quiet_p
 SERVER_NAME = "ctl"     # short on purpose: it prefixes every tool name the model sees
 PLUGIN_ID = "ctl@control-tower-lite"
 HOOK_EVENTS = {         # event -> matcher (None: every occurrence)
-    "PreToolUse": "Edit|Write|NotebookEdit|Bash",      # the tools of Claude Code 2.1.332 that write files
-    "PostToolUse": "Bash",
+    "PreToolUse": "Edit|Write|NotebookEdit|Bash|Monitor",   # the tools of Claude Code 2.1.332 that write files
+    "PostToolUse": "Bash|Monitor",                          # its tools that run shell commands
     "Stop": None,
     "SessionStart": None,
 }

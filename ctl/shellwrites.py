@@ -14,7 +14,7 @@ against the locked names.
 """
 import os
 import re
-from dataclasses import dataclass, field
+from collections import namedtuple
 
 MAX_COMMAND = 256 * 1024
 MAX_DEPTH = 6
@@ -29,11 +29,10 @@ OUTPUT_OPS = {">", ">>", ">|", "&>", "&>>", "<>", ">&"}
 VAR_START = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|[0-9@*#?$!-]")
 
 
-@dataclass(frozen=True)
-class Target:
-    path: str               # absolute; a shell pattern when `glob`
-    tree: bool = False      # the path and everything under it
-    glob: bool = False
+class Target(namedtuple("Target", "path tree glob", defaults=(False, False))):
+    """path: absolute, a shell pattern when `glob`; tree: the path and everything under it.
+    Named tuples, not dataclasses: importing `dataclasses` would cost every Bash hook several milliseconds."""
+    __slots__ = ()
 
     def hits(self, path: str, key=lambda p: p) -> bool:
         """Whether writing this target writes `path` (both compared through `key`, e.g. case folding)."""
@@ -46,10 +45,9 @@ class Target:
         return path == mine or (self.tree and path.startswith(mine.rstrip("/") + "/"))
 
 
-@dataclass
-class Writes:
-    targets: list = field(default_factory=list)
-    unknown: list = field(default_factory=list)     # short phrases: what the text cannot tell
+class Writes(namedtuple("Writes", "targets unknown")):
+    """targets: Target list; unknown: short phrases, what the text cannot tell."""
+    __slots__ = ()
 
     def hits(self, path: str, key=lambda p: p):
         return next((t for t in self.targets if t.hits(path, key)), None)
@@ -95,7 +93,7 @@ def _glob_regex(pattern: str):
 
 def write_targets(command: str, cwd: str) -> Writes:
     """The files `command`, run in `cwd`, will write, and what about it cannot be told from its text."""
-    writes = Writes()
+    writes = Writes([], [])
     if not isinstance(command, str) or len(command) > MAX_COMMAND:
         writes.note("a command too long to read")
         return writes
@@ -127,12 +125,13 @@ class Word:
         return word.done()
 
 
-@dataclass
 class Command:
-    words: list
-    redirects: list           # (operator, Word or here-document body list)
-    cwd: object               # str, or None when a `cd` went somewhere the parser cannot follow
-    stdin: object = None      # here-document or here-string text, when one feeds the command
+    """words; redirects: (operator, Word or here-document body list); cwd: str, or None when a `cd` went
+    somewhere the parser cannot follow; stdin: here-document or here-string text that feeds the command."""
+    __slots__ = ("words", "redirects", "cwd", "stdin")
+
+    def __init__(self, words: list, redirects: list, cwd, stdin=None):
+        self.words, self.redirects, self.cwd, self.stdin = words, redirects, cwd, stdin
 
 
 class _Parser:

@@ -48,7 +48,7 @@ class ClientHooksTest(unittest.TestCase):
         self.assertEqual(done.returncode, 0, done.stderr)
         settings = json.loads(self.read(".gemini", "settings.json"))
         self.assertEqual(settings["hooksConfig"], {"enabled": True})
-        self.assertEqual(sorted(settings["hooks"]), ["AfterAgent", "BeforeTool", "SessionStart"])
+        self.assertEqual(sorted(settings["hooks"]), ["AfterAgent", "AfterTool", "BeforeTool", "SessionStart"])
         before_tool = settings["hooks"]["BeforeTool"]
         self.assertEqual(before_tool[0]["hooks"][0]["command"], "mine.sh", "the user's own hook stays first")
         ours = before_tool[1]
@@ -56,6 +56,9 @@ class ClientHooksTest(unittest.TestCase):
         self.assertEqual(ours["hooks"][0]["timeout"], 10000, "Gemini reads milliseconds")
         self.assertRegex(ours["hooks"][0]["command"], r"hook\.py --client gemini PreToolUse$")
         self.assertRegex(settings["hooks"]["AfterAgent"][0]["hooks"][0]["command"], r"--client gemini Stop$")
+        after_tool = settings["hooks"]["AfterTool"][0]
+        self.assertEqual(after_tool["matcher"], "^(run_shell_command)$")
+        self.assertRegex(after_tool["hooks"][0]["command"], r"hook\.py --client gemini PostToolUse$")
         self.assertEqual(self.run_install("--client", "gemini", "--uninstall").returncode, 0)
         self.assertEqual(self.read(".gemini", "settings.json"), original, "back byte for byte")
 
@@ -92,6 +95,8 @@ class ClientHooksTest(unittest.TestCase):
         hooks = json.loads(self.read(".codex", "hooks.json"))
         self.assertEqual(list(hooks), ["hooks"], "Codex refuses a hooks.json with any other top-level key")
         self.assertEqual(hooks["hooks"]["PreToolUse"][0]["matcher"], "^(apply_patch|Bash)$")
+        self.assertEqual(hooks["hooks"]["PostToolUse"][0]["matcher"], "^(Bash)$")
+        self.assertRegex(hooks["hooks"]["PostToolUse"][0]["hooks"][0]["command"], r"--client codex PostToolUse$")
         self.assertEqual(hooks["hooks"]["Stop"][0]["hooks"][0]["timeout"], 10, "Codex reads seconds")
         status = self.run_install("--status").stdout
         self.assertIn("cannot tell whether Codex trusts them (the codex command is not on PATH)", status)

@@ -171,7 +171,7 @@ class InstallTest(unittest.TestCase):
         self.assertEqual(set(hooks), {"PreToolUse", "PostToolUse", "Stop", "SessionStart"})
         self.assertEqual(hooks["PreToolUse"][0]["hooks"][0]["command"], "my-guard", "the user's own hook stays")
         ours = hooks["PreToolUse"][1]
-        self.assertEqual(ours["matcher"], "Edit|Write|NotebookEdit|Bash")
+        self.assertEqual(ours["matcher"], "Edit|Write|NotebookEdit|Bash|Monitor")
         self.assertIn("hook.py", ours["hooks"][0]["command"])
         self.assertTrue(ours["hooks"][0]["command"].endswith("PreToolUse"))
         self.assertIn("nothing changed", self.run_install("--hooks").stdout)
