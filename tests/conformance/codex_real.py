@@ -109,11 +109,14 @@ def main(cli_bin: str) -> int:
         scene.run_install("--client", "codex", "--hooks")
         with open(os.path.join(scene.home, ".codex", "config.toml")) as handle:
             config = handle.read()
-        scene.check(config.count("trusted_hash") == 3 and planted not in config,
-                    "install trusts exactly our three hooks, never a project's look-alike", config)
-        status = scene.run_install("--status")
-        scene.check("trusted by Codex: 3 hooks will run" in status, "--status: the hooks are trusted and will run")
         hooks_file = os.path.join(scene.home, ".codex", "hooks.json")
+        with open(hooks_file) as handle:
+            ours = sum(len(group["hooks"]) for groups in json.load(handle)["hooks"].values() for group in groups)
+        scene.check(ours >= 3 and config.count("trusted_hash") == ours and planted not in config,
+                    f"install trusts exactly our {ours} hooks, never a project's look-alike", config)
+        status = scene.run_install("--status")
+        scene.check(f"trusted by Codex: {ours} hooks will run" in status, "--status: the hooks are trusted and will run",
+                    status)
         with open(hooks_file) as handle:
             pristine = handle.read()
         with open(hooks_file, "w") as handle:
