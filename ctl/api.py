@@ -42,43 +42,41 @@ def safe_name(key) -> str:
     return text.encode("ascii", "backslashreplace").decode("ascii")[:40]
 
 
-def _check_text(field, name, value, flags):
+def _check_text(field, name, value):
+    """Type and size only: the content filter runs later (screen_fields), after the route's cheap refusals."""
     if not isinstance(value, str):
         raise ApiError(400, "bad_type", f"{name} must be a string")
-    _refuse_longer(name, value, field.limit)      # before spending the filter's time
+    _refuse_longer(name, value, field.limit)
     if field.minimum and not value.strip():
         raise ApiError(400, "too_short", f"{name} must not be empty")
-    flag = screen(name, value, flags.secrets)
-    if flag:
-        flags.append((name, flag))
     return value
 
 
-def _check_name(field, name, value, flags):
+def _check_name(field, name, value):
     if not isinstance(value, str) or not NAME_RE.fullmatch(value):
         raise ApiError(400, "bad_name", f"{name} must be 1-32 characters of letters, digits, '.', '_' or '-', "
                                         "starting with a letter or digit")
     return value
 
 
-def _check_room_name(field, name, value, flags):
+def _check_room_name(field, name, value):
     if not isinstance(value, str) or not ROOM_NAME_RE.fullmatch(value):
         raise ApiError(400, "bad_room", f"{name} must be 1-64 characters of letters, digits, '.', '_' or '-', "
                                         "starting with a letter or digit (check CTL_ROOM)")
     return value
 
 
-def _check_target(field, name, value, flags):
-    return "*" if value == "*" else _check_name(field, name, value, flags)
+def _check_target(field, name, value):
+    return "*" if value == "*" else _check_name(field, name, value)
 
 
-def _check_enum(field, name, value, flags):
+def _check_enum(field, name, value):
     if value not in field.choices:
         raise ApiError(400, "bad_value", f"{name} must be one of {', '.join(field.choices)}")
     return value
 
 
-def _check_int(field, name, value, flags):
+def _check_int(field, name, value):
     """JSON integers only in bodies; a query string's ASCII digits are its only spelling of a number."""
     if isinstance(value, str) and field.kind == "query_int" and DIGITS.fullmatch(value):
         value = int(value)
@@ -87,40 +85,40 @@ def _check_int(field, name, value, flags):
     return value
 
 
-def _check_ids(field, name, value, flags):
+def _check_ids(field, name, value):
     if not isinstance(value, list) or len(value) > field.limit:
         raise ApiError(400, "bad_type", f"{name} must be a list of at most {field.limit} task ids")
-    ids = [_check_int(TASK_ID, name, v, flags) for v in value]
+    ids = [_check_int(TASK_ID, name, v) for v in value]
     if len(set(ids)) != len(ids):
         raise ApiError(400, "duplicate_ids", f"{name} lists a task id twice")
     return ids
 
 
-def _check_texts(field, name, value, flags):
+def _check_texts(field, name, value):
     if not isinstance(value, list) or len(value) > field.limit:
         raise ApiError(400, "bad_type", f"{name} must be a list of at most {field.limit} strings")
-    return [_check_text(Field("text", limit=LIMITS["path"]), name, v, flags) for v in value]
+    return [_check_text(Field("text", limit=LIMITS["path"]), name, v) for v in value]
 
 
-def _check_hex(field, name, value, flags):
+def _check_hex(field, name, value):
     if not isinstance(value, str) or not HEX.fullmatch(value):
         raise ApiError(400, "bad_value", f"{name} must be 16-64 lowercase hex digits")
     return value
 
 
-def _check_name_or_null(field, name, value, flags):
-    return None if value is None else _check_name(field, name, value, flags)
+def _check_name_or_null(field, name, value):
+    return None if value is None else _check_name(field, name, value)
 
 
-def _check_token(field, name, value, flags):
+def _check_token(field, name, value):
     if not isinstance(value, str) or len(value) > 512:
         raise ApiError(400, "bad_type", f"{name} must be a token string")
     return value
 
 
-def _check_root(field, name, value, flags):
+def _check_root(field, name, value):
     """A project root the broker can check: an existing directory of this user, not / nor the home itself."""
-    value = _check_text(field, name, value, flags)
+    value = _check_text(field, name, value)
     if not os.path.isabs(value) or not os.path.isdir(value):
         raise ApiError(400, "bad_root", f"{name} must be the absolute path of an existing directory")
     real = os.path.realpath(value)
@@ -138,15 +136,15 @@ CHECKS = {"text": _check_text, "name": _check_name, "target": _check_target, "en
           "room_name": _check_room_name}
 
 
+SCREENED = ("text", "texts", "root")      # the kinds of field that hold free text
+
+
 class Flags(list):
-    """(field, rule) pairs the filter flagged while validating one request; knows the secrets to refuse."""
-
-    def __init__(self, secrets=()):
-        super().__init__()
-        self.secrets = secrets
+    """(field, rule) pairs the filter flagged in one request's fields."""
 
 
-def validate(schema: dict, data: dict, flags: Flags) -> dict:
+def validate(schema: dict, data: dict) -> dict:
+    """Fields, types and sizes: cheap checks, linear in the body."""
     for key in data:
         if key not in schema:
             if key in IDENTITY_FIELDS:
@@ -161,8 +159,22 @@ def validate(schema: dict, data: dict, flags: Flags) -> dict:
                 raise ApiError(400, "missing_field", f"'{key}' is required")
             clean[key] = field.default
         else:
-            clean[key] = CHECKS[field.kind](field, key, data[key], flags)
+            clean[key] = CHECKS[field.kind](field, key, data[key])
     return clean
+
+
+def screen_fields(schema: dict, params: dict, secrets) -> Flags:
+    """The content filter over every free-text field: the costly check, so it runs last (after the route's
+    precheck). Refuses with 422, or returns what it flagged."""
+    flags = Flags()
+    for key, field in schema.items():
+        value = params.get(key)
+        if field.kind in SCREENED and value is not None:
+            for text in value if isinstance(value, list) else (value,):
+                rule = screen(key, text, secrets)
+                if rule:
+                    flags.append((key, rule))
+    return flags
 
 
 # ---------------------------------------------------------------- routes
@@ -185,8 +197,9 @@ class Route:
     architect: bool = False   # peers must hold the architect seat (the operator always may)
     mutates: bool = False     # an agent change: refused while the room is stopped
     scoped: bool = True       # acts on one room: a peer's own, or the one an operator or observer names
-
     lossy: bool = False       # a POST whose writes are safe to lose (acks, heartbeats): its commit skips the fsync
+    precheck: object = None   # precheck(broker, actor, params): refusals cheaper than the content filter, run first
+
 
 PEER = frozenset({"peer"})
 PEER_OR_OPERATOR = frozenset({"peer", "operator"})
@@ -316,6 +329,14 @@ def r_complete(broker, actor, b):
     return broker.store.complete(actor, b["task_id"], b["summary"], b["files"], time.time())
 
 
+def p_send(broker, actor, b):
+    broker.store.check_send(actor, b["to"], time.time())
+
+
+def p_complete(broker, actor, b):
+    broker.store.check_completion(actor, b["task_id"])
+
+
 def r_lock(broker, actor, b):
     return broker.store.lock(actor.peer, b["path"], b["reason"], time.time())
 
@@ -400,7 +421,7 @@ ROUTES = {
         "summary": Field("text", limit=LIMITS["summary"], minimum=0),
         "reach": Field("enum", choices=REACHES)}, lossy=True),
     ("GET", "/peers"): Route(r_peers, READERS, {}),
-    ("POST", "/messages"): Route(r_send, PEER, SEND_SCHEMA, mutates=True),
+    ("POST", "/messages"): Route(r_send, PEER, SEND_SCHEMA, mutates=True, precheck=p_send),
     ("GET", "/inbox"): Route(r_inbox, INBOX_READERS, {
         "wait": Field("query_int", limit=MAX_WAIT_SECONDS, minimum=0, default=0),
         "limit": Field("query_int", limit=100, default=20),
@@ -424,7 +445,7 @@ ROUTES = {
     ("POST", "/tasks/complete"): Route(r_complete, PEER_OR_OPERATOR, {
         "task_id": TASK_ID,
         "summary": Field("text", required=True, limit=LIMITS["summary"]),
-        "files": Field("texts", limit=LIMITS["files"], default=[])}, mutates=True),
+        "files": Field("texts", limit=LIMITS["files"], default=[])}, mutates=True, precheck=p_complete),
     ("POST", "/locks"): Route(r_lock, PEER, {
         "path": Field("text", required=True, limit=LIMITS["path"]),
         "reason": Field("text", limit=LIMITS["reason"], minimum=0, default="")}, mutates=True),
@@ -451,7 +472,7 @@ ROUTES = {
     ("POST", "/operator/archive"): Route(r_archive, OPERATOR, {}),
     ("POST", "/operator/wake"): Route(r_wake, OPERATOR, {"wake": Field("enum", choices=("on", "never"), required=True)}),
     ("POST", "/operator/kick"): Route(r_kick, OPERATOR, {"name": Field("name", required=True)}),
-    ("POST", "/operator/inject"): Route(r_send, OPERATOR, SEND_SCHEMA),
+    ("POST", "/operator/inject"): Route(r_send, OPERATOR, SEND_SCHEMA, precheck=p_send),
     ("POST", "/operator/unlock"): Route(r_unlock, OPERATOR, {"path": Field("text", required=True, limit=4096)}),
     ("POST", "/operator/release"): Route(r_release, OPERATOR, {"task_id": TASK_ID}),
     ("POST", "/operator/architect"): Route(r_architect, OPERATOR, {"name": Field("name_or_null", required=True)}),
@@ -461,7 +482,7 @@ ROOM_FIELD = Field("query_int", required=True, limit=2**53)
 
 def room_id_from(value) -> int:
     """How an operator or observer names a room: its id (a JSON integer, or ASCII digits in a query)."""
-    return _check_int(ROOM_FIELD, "room", value, None)
+    return _check_int(ROOM_FIELD, "room", value)
 
 
 ROUTE_METHODS = {}

@@ -26,6 +26,7 @@ import traceback
 import urllib.parse
 import os
 from http import HTTPStatus
+from typing import NamedTuple
 
 from ctl import common, user_command
 from ctl.api import Park
@@ -39,7 +40,7 @@ from ctl.frontdoor import Broker, Request, escape_for_log, log
 
 class Connection:
     __slots__ = ("sock", "client", "inbuf", "outbuf", "request_deadline", "idle_deadline", "write_deadline",
-                 "park", "close_after", "keep_alive")
+                 "park", "close_after", "keep_alive", "scanned", "head", "read_closed", "watched")
 
     def __init__(self, sock, client: str, now: float):
         self.sock, self.client = sock, client
@@ -50,6 +51,10 @@ class Connection:
         self.park = None
         self.close_after = False
         self.keep_alive = True
+        self.scanned = 0            # bytes of inbuf already searched for the end of the head
+        self.head = None            # the parsed head (ParsedHead) while its body is still arriving
+        self.read_closed = False    # the client shut down its write side: answer what it asked, then close
+        self.watched = selectors.EVENT_READ
 
 
 class IncompleteRequest(Exception):
@@ -87,6 +92,45 @@ def parse_header_fields(block: bytes) -> dict:
 
 CONTENT_LENGTH = re.compile(r"[0-9]{1,10}")
 METHOD = re.compile(r"[A-Z]{1,16}")
+
+
+class ParsedHead(NamedTuple):
+    method: str
+    target: str
+    version: str
+    headers: dict
+    size: int                   # bytes of the head, its blank line included
+    length: int                 # bytes of the body that follows
+
+
+def parse_head(head: bytes) -> ParsedHead:
+    """The request line and header fields, ending in a blank line, strictly; the body's length from them."""
+    if len(head) - 4 > MAX_HEAD_BYTES:
+        raise ApiError(431, "head_too_large", f"request head exceeds {MAX_HEAD_BYTES} bytes")
+    line_end = head.find(b"\r\n")
+    try:
+        method, target, version = head[:line_end].decode("ascii").split(" ")
+    except (UnicodeDecodeError, ValueError):
+        raise ApiError(400, "bad_request_line", "malformed request line")
+    if not METHOD.fullmatch(method):
+        raise ApiError(400, "bad_method", "the request method must be a few capital letters")
+    if version not in ("HTTP/1.1", "HTTP/1.0"):
+        raise ApiError(505, "http_version", "only HTTP/1.0 and HTTP/1.1 are spoken here")
+    if not target.startswith("/"):
+        raise ApiError(400, "bad_target", "request target must be a path")
+    headers = parse_header_fields(head[line_end + 2:-4])
+    if "transfer-encoding" in headers:
+        raise ApiError(400, "transfer_encoding", "Transfer-Encoding is not accepted; send Content-Length")
+    length = 0
+    if "content-length" in headers:
+        if not CONTENT_LENGTH.fullmatch(headers["content-length"]):
+            raise ApiError(400, "bad_content_length", "Content-Length must be a number")
+        length = int(headers["content-length"])
+    elif method == "POST":
+        raise ApiError(411, "length_required", "POST needs a Content-Length")
+    if length > MAX_BODY_BYTES:
+        raise ApiError(413, "body_too_large", f"body exceeds {MAX_BODY_BYTES} bytes")
+    return ParsedHead(method, target, version, headers, len(head), length)
 TO_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n" for s in HTTPStatus}
 SAME_ON_EVERY_ANSWER = ("Cache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\nReferrer-Policy: no-referrer\r\n"
@@ -199,7 +243,7 @@ class HttpLoop:
             self._close(conn)
             return
         if not data:
-            self._close(conn)
+            self._end_of_input(conn)
             return
         conn.inbuf += data
         if len(conn.inbuf) > MAX_HEAD_BYTES + MAX_BODY_BYTES + 4096 and (conn.park or conn.outbuf):
@@ -208,6 +252,29 @@ class HttpLoop:
         if conn.request_deadline is None:
             conn.request_deadline = time.monotonic() + self.request_timeout
         self._advance(conn)
+
+    def _end_of_input(self, conn: Connection) -> None:
+        """The client shut down its write side (a half-close). What it already sent is still answered, a waiting
+        read included; the connection closes once nothing is left to answer."""
+        conn.read_closed = True
+        if conn.park is None and not conn.outbuf and not conn.inbuf:
+            self._close(conn)
+            return
+        self._watch(conn, write=bool(conn.outbuf))
+        self._advance(conn)
+
+    def _watch(self, conn: Connection, write: bool) -> None:
+        """Select the connection for reading (until its input ended) and, while an answer is pending, writing."""
+        events = (0 if conn.read_closed else selectors.EVENT_READ) | (selectors.EVENT_WRITE if write else 0)
+        if events == conn.watched:
+            return
+        if not events:
+            self.selector.unregister(conn.sock)
+        elif not conn.watched:
+            self.selector.register(conn.sock, events, conn)
+        else:
+            self.selector.modify(conn.sock, events, conn)
+        conn.watched = events
 
     def _fail(self, conn) -> None:
         """The last line of defence: whatever went wrong is logged, that connection closed, the loop goes on."""
@@ -232,6 +299,8 @@ class HttpLoop:
             try:
                 req = self._parse(conn)
             except IncompleteRequest:
+                if conn.read_closed:        # the rest of this request can never arrive
+                    self._close(conn)
                 continue
             except ApiError as err:
                 conn.keep_alive = False
@@ -265,47 +334,29 @@ class HttpLoop:
                     f"({elapsed:.1f} ms for a batch of {len(batch)})")
 
     def _parse(self, conn: Connection) -> Request:
+        """However a request dribbles in, each byte is looked at a bounded number of times: the search for the
+        head's end resumes where the last one stopped, and a parsed head is kept while its body arrives."""
         buf = conn.inbuf
-        end = buf.find(b"\r\n\r\n")
-        if end < 0:
-            if len(buf) > MAX_HEAD_BYTES:
-                raise ApiError(431, "head_too_large", f"request head exceeds {MAX_HEAD_BYTES} bytes")
-            raise IncompleteRequest()
-        if end > MAX_HEAD_BYTES:
-            raise ApiError(431, "head_too_large", f"request head exceeds {MAX_HEAD_BYTES} bytes")
-        head = bytes(buf[:end + 4])
-        line_end = head.find(b"\r\n")
-        try:
-            method, target, version = head[:line_end].decode("ascii").split(" ")
-        except (UnicodeDecodeError, ValueError):
-            raise ApiError(400, "bad_request_line", "malformed request line")
-        if not METHOD.fullmatch(method):
-            raise ApiError(400, "bad_method", "the request method must be a few capital letters")
-        if version not in ("HTTP/1.1", "HTTP/1.0"):
-            raise ApiError(505, "http_version", "only HTTP/1.0 and HTTP/1.1 are spoken here")
-        if not target.startswith("/"):
-            raise ApiError(400, "bad_target", "request target must be a path")
-        headers = parse_header_fields(head[line_end + 2:end])
-        if "transfer-encoding" in headers:
-            raise ApiError(400, "transfer_encoding", "Transfer-Encoding is not accepted; send Content-Length")
-        length = 0
-        if "content-length" in headers:
-            if not CONTENT_LENGTH.fullmatch(headers["content-length"]):
-                raise ApiError(400, "bad_content_length", "Content-Length must be a number")
-            length = int(headers["content-length"])
-        elif method == "POST":
-            raise ApiError(411, "length_required", "POST needs a Content-Length")
-        if length > MAX_BODY_BYTES:
-            raise ApiError(413, "body_too_large", f"body exceeds {MAX_BODY_BYTES} bytes")
-        total = end + 4 + length
+        if conn.head is None:
+            end = buf.find(b"\r\n\r\n", max(0, conn.scanned - 3))
+            if end < 0:
+                conn.scanned = len(buf)
+                if len(buf) > MAX_HEAD_BYTES:
+                    raise ApiError(431, "head_too_large", f"request head exceeds {MAX_HEAD_BYTES} bytes")
+                raise IncompleteRequest()
+            conn.scanned = 0
+            conn.head = parse_head(bytes(buf[:end + 4]))
+        head = conn.head
+        total = head.size + head.length
         if len(buf) < total:
             raise IncompleteRequest()
-        body = bytes(buf[end + 4:total])
+        conn.head = None
+        body = bytes(buf[head.size:total])
         del buf[:total]
-        connection = headers.get("connection", "").lower()
-        conn.keep_alive = "close" not in connection and (version == "HTTP/1.1" or "keep-alive" in connection)
-        path, _, query = target.partition("?")
-        return Request(method, urllib.parse.unquote(path), query, headers, body, conn.client)
+        connection = head.headers.get("connection", "").lower()
+        conn.keep_alive = "close" not in connection and (head.version == "HTTP/1.1" or "keep-alive" in connection)
+        path, _, query = head.target.partition("?")
+        return Request(head.method, urllib.parse.unquote(path), query, head.headers, body, conn.client)
 
     def _respond(self, conn: Connection, status: int, body, extra_headers=None) -> None:
         if isinstance(body, dict):
@@ -344,12 +395,12 @@ class HttpLoop:
         if conn.outbuf:
             if conn.write_deadline is None:
                 conn.write_deadline = time.monotonic() + WRITE_TIMEOUT
-                self.selector.modify(conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, conn)
+                self._watch(conn, write=True)
             return
         if conn.write_deadline is not None:
             conn.write_deadline = None
-            self.selector.modify(conn.sock, selectors.EVENT_READ, conn)
-        if conn.close_after:
+            self._watch(conn, write=False)
+        if conn.close_after or (conn.read_closed and not conn.inbuf and conn.park is None):
             self._close(conn)
         elif conn.inbuf:
             self._advance(conn)

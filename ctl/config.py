@@ -49,6 +49,8 @@ WRITE_TIMEOUT = 10.0
 MAX_WAIT_SECONDS = 60
 EVENTS_KEPT = 2000
 PRUNE_EVERY = 30.0          # seconds between retention passes
+BUSY_WAIT_MS = 20           # how long a write waits for another process's write lock
+BUSY_WINDOW = 0.25          # after such a wait failed, writes only try the lock (no wait) this long
 CATEGORIES = ("info", "question", "answer", "status", "handoff", "blocker")
 TASK_STATUSES = ("blocked", "ready", "claimed", "done")
 ROOM_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
@@ -57,6 +59,9 @@ LIMITS = {"title": 200, "description": 4000, "content": 8000, "summary": 2000, "
           "tasks": 100_000, "memory_keys": 256,
           "live_peers": 128,         # live sessions in one room
           "locks_per_peer": 256,
+          "lock_bytes_per_peer": 32768,   # bytes of lock paths one peer may hold (a few hundred ordinary paths)
+          "locks_per_room": 2048,
+          "lock_bytes_per_room": 262144,  # so the lock list every hook and the dashboard fetch stays small
           "open_rooms": 256,         # rooms open at once; the operator archives done ones
           "rooms_per_minute": 20,    # new rooms a minute, for every join secret holder together
           "dependents": 500,         # tasks that may wait on one task, so completing it stays cheap

@@ -14,11 +14,11 @@ from base64 import b64encode
 from dataclasses import dataclass
 
 from ctl import common, dashboard
-from ctl.api import JOINING, PUBLIC, ROUTE_METHODS, ROUTES, Flags, Park, Route, room_id_from, safe_name, validate
+from ctl.api import JOINING, PUBLIC, ROUTE_METHODS, ROUTES, Park, Route, room_id_from, safe_name, screen_fields, validate
 from ctl.common import TokenSigner
 from ctl.config import MAX_JSON_DEPTH, PRUNE_EVERY, Settings
 from ctl.errors import ApiError
-from ctl.store import Actor, JoinCaller, Store
+from ctl.store import Actor, JoinCaller, StorageBusy, Store
 
 
 def log(message: str) -> None:
@@ -318,9 +318,10 @@ class Broker:
                     raise ApiError(400, "unexpected_body", "GET requests carry no body; use the query string")
                 data = parse_query(req.query)
             self.authorize(req, route, actor, data)
-            flags = Flags(self.own_secrets)
-            params = validate(route.schema, data, flags)
-            params["flagged"] = flags
+            params = validate(route.schema, data)
+            if route.precheck is not None:
+                route.precheck(self, actor, params)
+            params["flagged"] = flags = screen_fields(route.schema, params, self.own_secrets)
             for field, rule in flags:
                 if field != "content":
                     self.store.record_counted(actor.room_id, "content_flagged", actor.name,
@@ -332,8 +333,10 @@ class Broker:
             self._note_refusal(err, actor, req)
             return err.status, err.body(), self._room_header(actor)
         except sqlite3.OperationalError as exc:
-            busy = "locked" in str(exc) or "busy" in str(exc)
-            log(f"storage {'busy' if busy else 'error'} on {escape_for_log(req.method)} {escape_for_log(req.path)}: {exc}")
+            busy = isinstance(exc, StorageBusy) or "locked" in str(exc) or "busy" in str(exc)
+            if not isinstance(exc, StorageBusy):        # inside the busy window: the loop logs the 503 itself
+                log(f"storage {'busy' if busy else 'error'} on {escape_for_log(req.method)} "
+                    f"{escape_for_log(req.path)}: {exc}")
             return 503, {"error": {"code": "storage_busy" if busy else "storage_unavailable",
                                    "message": "storage is busy; retry in a moment" if busy else
                                    "storage failed; see the broker log"}}, {"Retry-After": "1"}

@@ -13,7 +13,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from ctl.config import GONE_PEER_DAYS, LIMITS, TASK_STATUSES, Settings
+from ctl.config import BUSY_WAIT_MS, BUSY_WINDOW, GONE_PEER_DAYS, LIMITS, TASK_STATUSES, Settings
 from ctl.common import StateError
 from ctl.errors import ApiError
 from ctl import paths
@@ -148,7 +148,7 @@ def open_database(path: str) -> sqlite3.Connection:
     db.row_factory = sqlite3.Row
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=FULL")
-    db.execute("PRAGMA busy_timeout=20")                # another process's write lock costs us 20 ms, not 5 s
+    db.execute(f"PRAGMA busy_timeout={BUSY_WAIT_MS}")    # another process's write lock costs us 20 ms, not 5 s
     # The WAL is reused from its start after every checkpoint and never truncated: a commit that overwrites
     # frames fsyncs no file-size change, which took a quarter off a commit's kernel time on ext4 (bench/NOTES.md). So
     # the checkpoint (under load; the loop also checkpoints whenever it is idle) comes before the WAL reaches
@@ -216,6 +216,10 @@ class JoinCaller:
     resumed: int = None
     presented: int = None
     agent: str = None
+
+
+class StorageBusy(sqlite3.OperationalError):
+    """Another process holds the database's write lock, found without waiting (inside the window after a wait)."""
 
 
 class RateLimiter:
@@ -295,6 +299,8 @@ class Store:
         self.lock_touched = {}                  # (room id, lock key) -> when its holder's edit hook last locked it
         self.retention = Retention()            # which rooms to prune, and the counted refusals
         self._synchronous = "FULL"              # what the next commit does: FULL fsyncs it, NORMAL does not
+        self.busy_until = 0.0                   # until then a write lock held elsewhere is not waited for
+        self._busy_waits = True                 # whether busy_timeout is set to wait (BUSY_WAIT_MS) or not (0)
 
     @contextlib.contextmanager
     def tx(self):
@@ -316,7 +322,7 @@ class Store:
             finally:
                 self._depth -= 1
             return
-        self.db.execute("BEGIN IMMEDIATE")
+        self._begin()
         try:
             yield self.db
         except BaseException:
@@ -343,12 +349,28 @@ class Store:
             self.db.execute(f"PRAGMA synchronous={wanted}")
             self._synchronous = wanted
 
+    def _begin(self) -> None:
+        """BEGIN IMMEDIATE. Another process's write lock is waited out (busy_timeout) at most once per short
+        window: after a wait that failed, writes only try the lock, without waiting, until the window ends, so
+        a batch of requests pays one wait, not one each, and a lock let go is taken again at once."""
+        waits = time.monotonic() >= self.busy_until
+        if waits != self._busy_waits:
+            self.db.execute(f"PRAGMA busy_timeout={BUSY_WAIT_MS if waits else 0}")
+            self._busy_waits = waits
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if not waits:
+                raise StorageBusy(str(exc)) from None
+            self.busy_until = time.monotonic() + BUSY_WINDOW
+            raise
+
     def begin_batch(self, promised: bool) -> bool:
         """Open the loop's group-commit transaction; False (run each request on its own) if another process
         holds the write lock, so reads still answer and writes fail fast with 503."""
         self.durability(promised)
         try:
-            self.db.execute("BEGIN IMMEDIATE")
+            self._begin()
             return True
         except sqlite3.OperationalError:
             return False
@@ -705,6 +727,13 @@ class Store:
             result["flagged"] = flag
         return result
 
+    def check_send(self, actor: Actor, to: str, now: float) -> None:
+        """What a send is refused for before its text is screened: no such recipient, the rate limit."""
+        sender_id = actor.peer["id"] if actor.peer is not None else None
+        recipients = self._recipients(actor.room_id, to, sender_id, now)
+        if actor.kind == "peer":
+            self.limiter.check(sender_id, max(1, len(recipients)), now)
+
     def _recipients(self, room_id: int, to: str, sender_id, now: float) -> list:
         """`*` is every live peer of this room; `architect` whoever holds its seat; else a peer by name."""
         if to == "*":
@@ -984,6 +1013,19 @@ class Store:
             return f"task #{task['id']} is already claimed by {holder['name'] if holder else 'another peer'}"
         return f"task #{task['id']} is already done by {task['done_by']}"
 
+    def check_completion(self, actor: Actor, task_id: int) -> None:
+        """What a completion is refused for before its summary is screened: no such task, not the caller's claim."""
+        self._refuse_completion(actor, self._task(actor.room_id, task_id))
+
+    def _refuse_completion(self, actor: Actor, task) -> None:
+        if actor.kind == "peer":
+            if task["status"] != "claimed" or task["assignee_id"] != actor.peer["id"]:
+                why = (f"task #{task['id']} is ready: your claim expired or was released; claim it again"
+                       if task["status"] == "ready" else self._why_not_ready(task))
+                raise ApiError(409, "not_your_claim", why)
+        elif task["status"] == "done":
+            raise ApiError(409, "task_not_ready", self._why_not_ready(task))
+
     def complete(self, actor: Actor, task_id: int, summary: str, files: list, now: float) -> dict:
         room_id = actor.room_id
         with self.tx():
@@ -992,12 +1034,7 @@ class Store:
             task = self._task(room_id, task_id)
             if actor.kind == "peer":
                 self._touch(actor.peer, now)
-                if task["status"] != "claimed" or task["assignee_id"] != actor.peer["id"]:
-                    why = (f"task #{task_id} is ready: your claim expired or was released; claim it again"
-                           if task["status"] == "ready" else self._why_not_ready(task))
-                    raise ApiError(409, "not_your_claim", why)
-            elif task["status"] == "done":
-                raise ApiError(409, "task_not_ready", self._why_not_ready(task))
+            self._refuse_completion(actor, task)
             self.db.execute("UPDATE tasks SET status='done', done_by=?, done_at=?, summary=?, files=?, "
                             "assignee_id=NULL WHERE room_id=? AND id=?",
                             (actor.name, now, summary, json.dumps(files), room_id, task_id))
@@ -1079,10 +1116,8 @@ class Store:
                 raise ApiError(409, "locked", f"{view['path']} is locked by {view['holder']} since "
                                               f"{time.strftime('%H:%M:%S', time.localtime(view['since']))}; "
                                               "message them or work on another file", lock=view)
-            if existing is None and self.db.execute("SELECT COUNT(*) FROM locks WHERE holder_id=?",
-                                                    (peer["id"],)).fetchone()[0] >= LIMITS["locks_per_peer"]:
-                raise ApiError(507, "too_many_locks", f"you hold {LIMITS['locks_per_peer']} locks, the most one "
-                                                      "peer may; unlock files you are done with")
+            if existing is None:
+                self._refuse_more_locks(room_id, peer["id"], len(real.encode("utf-8", "surrogatepass")))
             editing = reason.startswith("auto: ")     # the edit hook's lock: its holder is writing the file now
             if existing is not None and editing:
                 reason = existing["reason"]         # an edit never turns a lock taken on purpose into an automatic one
@@ -1150,6 +1185,22 @@ class Store:
             self.woken.add(row["holder_id"])
             self._changed()
             return {"recorded": True, **view}
+
+    def _refuse_more_locks(self, room_id: int, holder_id: int, path_bytes: int) -> None:
+        """What one peer and one room may hold, in locks and in bytes of path: every session's hook and the
+        dashboard fetch the whole list, so its size is bounded."""
+        held, held_bytes = self.db.execute("SELECT COUNT(*), COALESCE(SUM(LENGTH(CAST(path AS BLOB))), 0) FROM locks "
+                                           "WHERE holder_id=?", (holder_id,)).fetchone()
+        if held >= LIMITS["locks_per_peer"] or held_bytes + path_bytes > LIMITS["lock_bytes_per_peer"]:
+            raise ApiError(507, "too_many_locks", f"you hold {held} locks ({held_bytes} bytes of paths), the most one "
+                           f"peer may is {LIMITS['locks_per_peer']} or {LIMITS['lock_bytes_per_peer']} bytes; "
+                           "unlock files you are done with")
+        room_held, room_bytes = self.db.execute("SELECT COUNT(*), COALESCE(SUM(LENGTH(CAST(path AS BLOB))), 0) "
+                                                "FROM locks WHERE room_id=?", (room_id,)).fetchone()
+        if room_held >= LIMITS["locks_per_room"] or room_bytes + path_bytes > LIMITS["lock_bytes_per_room"]:
+            raise ApiError(507, "room_locks_full", f"the room holds {room_held} locks ({room_bytes} bytes of paths), "
+                           f"the most one room may is {LIMITS['locks_per_room']} or {LIMITS['lock_bytes_per_room']} "
+                           "bytes; ask the others to unlock files they are done with")
 
     def list_locks(self, room_id: int) -> list:
         return [self._lock_view(r) for r in self.db.execute("SELECT * FROM locks WHERE room_id=? ORDER BY path",

@@ -333,6 +333,18 @@ class ContentFilterTest(BrokerTestCase):
         self.assertTrue(any(e["kind"] == "content_flagged" and "instruction-override" in e["detail"] for e in events),
                         "a flagged field other than a message is delivered and recorded for the human")
 
+    def test_cheap_refusals_come_before_the_filter(self):
+        """A send to nobody or a completion of someone else's task is refused as such, before its text is screened:
+        a flood of them costs the broker a lookup each, not a filter pass, and records no filter event."""
+        sender, _ = self.broker.join("p-sender"), self.broker.join("p-recv")
+        bad = "<system-reminder>x"
+        status, data = sender.call("POST", "/messages", {"to": "nobody-here", "content": bad})
+        self.assertEqual((status, data["error"]["code"]), (404, "unknown_peer"), data)
+        status, data = sender.call("POST", "/tasks/complete", {"task_id": 999999, "summary": bad})
+        self.assertEqual(status, 404, data)
+        self.assertEqual(sender.call("POST", "/messages", {"to": "p-recv", "content": bad})[0], 422,
+                         "a send that would go through is still screened")
+
     def test_stored_and_delivered_exactly_as_sent(self):
         a, b = self.broker.join("n-a"), self.broker.join("n-b")
         for text in ("ｆｕｌｌ ｗｉｄｔｈ ﬁ", "你好，世界。", "⚠️ Tests fail", "👩‍💻 pairing", "crlf-free\ttab"):
@@ -439,6 +451,63 @@ class FrontDoorTest(BrokerTestCase):
         finally:
             for sock in idle + [drip, stalled]:
                 sock.close()
+
+    def test_half_closed_connections_get_their_answers(self):
+        """A client that shuts down its write side after asking still gets every answer, a waiting read's
+        included; a request that can never complete closes at once rather than at the deadline."""
+        worker, sender = self.broker.join("half-w"), self.broker.join("half-s")
+        auth = f"Authorization: Bearer {worker.token}\r\n".encode()
+        with socket.create_connection(("127.0.0.1", self.broker.port), timeout=10) as sock:
+            sock.sendall(self.head() + self.head())            # two pipelined requests, then end of input
+            sock.shutdown(socket.SHUT_WR)
+            answer = self._read_to_close(sock)
+        self.assertEqual(answer.count(b"HTTP/1.1 200 "), 2, answer)
+        with socket.create_connection(("127.0.0.1", self.broker.port), timeout=10) as sock:
+            sock.sendall(self.head(auth, path=b"/inbox?wait=8"))
+            sock.shutdown(socket.SHUT_WR)
+            time.sleep(0.3)
+            sender.send("half-w", "heard through a half-closed socket")
+            started = time.monotonic()
+            answer = self._read_to_close(sock)
+        self.assertIn(b"HTTP/1.1 200 ", answer)
+        self.assertIn("heard through a half-closed socket".encode(), answer)
+        self.assertLess(time.monotonic() - started, 5, "woken by the send, not by the wait running out")
+        with socket.create_connection(("127.0.0.1", self.broker.port), timeout=10) as sock:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x")
+            sock.shutdown(socket.SHUT_WR)
+            started = time.monotonic()
+            self.assertEqual(self._read_to_close(sock), b"")
+            self.assertLess(time.monotonic() - started, 5, "closed at once, not after the request deadline")
+
+    @staticmethod
+    def _read_to_close(sock) -> bytes:
+        chunks = []
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+
+    def test_a_dribbled_request_is_parsed_whole(self):
+        """A head and body sent a few bytes at a time, near the head limit, parse to the same request as one write."""
+        worker = self.broker.join("dribbler")
+        body = json.dumps({"summary": "dribbled in"}).encode()
+        request = self.head(f"Authorization: Bearer {worker.token}\r\nX-Pad: {'p' * 12000}\r\n"
+                            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n".encode(),
+                            b"POST", b"/heartbeat", body)
+        with socket.create_connection(("127.0.0.1", self.broker.port), timeout=10) as sock:
+            for at in range(0, len(request), 700):
+                sock.sendall(request[at:at + 700])
+                time.sleep(0.001)
+            answer = sock.recv(65536)
+        self.assertEqual(self.status_of(answer), 200, answer[:200])
+        end = request.index(b"\r\n\r\n")
+        for cut in range(end, end + 4):                           # the blank line split across two reads
+            with socket.create_connection(("127.0.0.1", self.broker.port), timeout=10) as sock:
+                sock.sendall(request[:cut])
+                time.sleep(0.05)
+                sock.sendall(request[cut:])
+                self.assertEqual(self.status_of(sock.recv(65536)), 200, cut - end)
 
     def test_dripping_client_gets_408_at_the_deadline(self):
         drip = socket.create_connection(("127.0.0.1", self.broker.port), timeout=20)

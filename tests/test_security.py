@@ -173,6 +173,14 @@ class StallTest(unittest.TestCase):
             status, data = peer.send("other", "while locked")
             self.assertEqual((status, data["error"]["code"]), (503, "storage_busy"))
             self.assertLess(time.monotonic() - started, 1.0, "a write is refused promptly, not after 5 s")
+            results = []                # a crowd of writers meanwhile: each refused, with when to retry
+            writers = [threading.Thread(target=lambda n=n: results.append(peer.call("POST", "/locks", {"path": f"w{n}"})))
+                       for n in range(12)]
+            for writer in writers:
+                writer.start()
+            for writer in writers:
+                writer.join()
+            self.assertEqual([(s, d["error"]["code"]) for s, d in results], [(503, "storage_busy")] * 12, results)
             started = time.monotonic()
             self.assertEqual(broker.request("GET", "/health")[0], 200)
             self.assertEqual(peer.call("GET", "/peers")[0], 200, "reads keep answering")
@@ -181,8 +189,10 @@ class StallTest(unittest.TestCase):
             locker.wait()
             self.assertEqual(peer.send("other", "after")[0], 200)
         finally:
-            if locker and locker.poll() is None:
+            if locker:
                 locker.kill()
+                locker.wait()
+                locker.stdout.close()
             broker.cleanup()
 
 
@@ -201,6 +211,16 @@ class GrowthTest(unittest.TestCase):
                 holder.ok("POST", "/locks", {"path": f"f{i}.py"})
             status, data = holder.call("POST", "/locks", {"path": "f256.py"})
             self.assertEqual((status, data["error"]["code"]), (507, "too_many_locks"))
+            long_paths = broker.join("long-paths", root=root)    # long paths fill the byte budget first
+            taken = 0
+            while (answer := long_paths.call("POST", "/locks", {"path": f"{taken:03d}" + "d" * 1000}))[0] == 200:
+                taken += 1
+            self.assertEqual(answer[1]["error"]["code"], "too_many_locks", answer)
+            self.assertTrue(20 < taken < 40, f"32 KiB of paths is about 32 locks of 1,000 characters, not {taken}")
+            status, data = long_paths.call("POST", "/locks", {"path": "short.py"})
+            self.assertEqual(status, 200, "a short path still fits")
+            size = len(json.dumps(long_paths.ok("GET", "/locks")))
+            self.assertLess(size, 300_000, "the room's lock list, fetched by every hook, stays small")
             first.send("p1", "<" + "system-reminder>refused and recorded")
             for _ in range(300):
                 broker.request("GET", "/tasks", token="forged")
