@@ -78,7 +78,8 @@ def matcher(*tools) -> str:
 CLAUDE_WRITERS = {"Edit": field("file_path"), "Write": field("file_path"), "NotebookEdit": field("notebook_path")}
 CLAUDE_SHELLS = {"Bash": ("command", None), "Monitor": ("command", None)}     # Monitor runs its command in the background
 CODEX_WRITERS = {"apply_patch": patch_paths}
-CODEX_SHELLS = {"Bash": ("command", None)}      # its exec_command tool, as its hooks name it (`cmd` becomes `command`)
+CODEX_SHELLS = {"Bash": ("command", None)}      # its exec_command as its hooks name it: `cmd` becomes `command`,
+                                                # the call's workdir the event's cwd (codex_real.py checks both)
 GEMINI_WRITERS = {"write_file": field("file_path"), "replace": field("file_path")}
 GEMINI_SHELLS = {"run_shell_command": ("command", "dir_path")}
 

@@ -3,11 +3,15 @@ for the OpenAI Responses API (a custom model provider on 127.0.0.1, streamed ser
 
     python3 tests/conformance/codex_real.py CODEX_BIN_DIR
 
-A second session holds locked.txt. The model (our script) patches locked.txt, then free.txt, lists the tasks
-(finding the tool through Codex's tool search), then ends its turn while a message waits. It must hold that:
-locked.txt is unchanged and the model was shown our one-line reason; free.txt is edited and locked for the
-session; the tool result reached the model as our text, not JSON; the waiting message reached it once, fenced;
-install.py trusts exactly our hooks and --status is right about that trust. Exits non-zero on a failed check.
+A second session holds locked.txt. The model (our script) patches locked.txt, writes it through the shell
+(exec_command: a redirection and `sed -i`, which the PreToolUse hook reads), reads it (`cat`), writes it with a
+Python one-liner the hook cannot read, patches free.txt, lists the tasks (finding the tool through Codex's tool
+search), then ends its turn while a message waits. It must hold that: locked.txt is unchanged by the patch and the
+named shell writes, and the model was shown our one-line reason each time; the read ran; the unseen write ran and
+the model was told right after it which file, whose lock and what to do, and the human sees a lock_violation;
+free.txt is edited and locked for the session; the tool result reached the model as our text, not JSON; the
+waiting message reached it once, fenced; install.py trusts exactly our hooks and --status is right about that
+trust. Exits non-zero on a failed check.
 """
 import itertools
 import json
@@ -18,6 +22,11 @@ import sys
 from realcli import FREE_TEXT, LOCKED_TEXT, MESSAGE, Scene, StandIn, around, fenced, occurrences, sse
 
 PROMPT = "Update locked.txt and free.txt as planned, then stop."
+SHELL_DENIED = ("echo overwritten > locked.txt", "sed -i s/held/taken/ locked.txt")   # writes the hook reads
+SHELL_READ = "cat locked.txt"
+SHELL_UNSEEN = "python3 -c \"open('locked.txt', 'a').write('stamped by codex\\n')\""   # the hook cannot see in
+SHELL_REPORT = "changed during your Bash call"
+SHELL_IN_SUB = {"echo sub > ../locked.txt": True, "echo sub > locked.txt": False}   # run in sub/: denied or not
 _ids = itertools.count(1)
 
 
@@ -41,6 +50,22 @@ def apply_patch(text: str) -> dict:
     n = next(_ids)
     return {"type": "custom_tool_call", "id": f"ctc_{n}", "call_id": f"call_{n}", "name": "apply_patch",
             "input": text, "status": "completed"}
+
+
+def shell(command: str, **more) -> dict:
+    """Codex's shell tool, exec_command (its hooks call it Bash, with `cmd` as `command`)."""
+    n = next(_ids)
+    return {"type": "function_call", "id": f"fc_{n}", "call_id": f"shell_{n}", "name": "exec_command",
+            "arguments": json.dumps({"cmd": command, **more})}
+
+
+def call_output(requests: list, call_id: str):
+    """(what the model was shown for this call, the first request that showed it)."""
+    for request in requests:
+        for item in request["body"]["input"]:
+            if item.get("type", "").endswith("call_output") and item.get("call_id") == call_id:
+                return json.dumps(item.get("output"), ensure_ascii=False), request
+    return "", None
 
 
 def say(text: str) -> dict:
@@ -74,6 +99,13 @@ def main(cli_bin: str) -> int:
         turn = sum(1 for r in standin.requests if isinstance(r["body"], dict) and "tools" in r["body"])
         if turn == 1:
             return response(apply_patch(patch("locked.txt", LOCKED_TEXT, "overwritten by codex")))
+        if turn - 2 < len(shells):
+            if turn == 2:                               # the patch was answered: the file as it left it
+                seen["after_patch"] = scene.read("locked.txt")
+            if turn - 2 == len(SHELL_DENIED):           # the named writes are done: the file as they left it
+                seen["after_denied"] = scene.read("locked.txt")
+            return response(shells[turn - 2])
+        turn -= len(shells)
         if turn == 2:
             return response(apply_patch(patch("free.txt", FREE_TEXT, "edited by codex")))
         if turn == 3:                                   # Codex defers MCP tools behind its client-side search
@@ -91,6 +123,10 @@ def main(cli_bin: str) -> int:
         return response(say("Noted the message."))
 
     seen = {}                                           # the locks and the session's name, seen mid-turn
+    shells = [shell(command) for command in (*SHELL_DENIED, SHELL_READ, SHELL_UNSEEN)]
+    shells += [shell(command, workdir="sub") for command in SHELL_IN_SUB]
+    os.makedirs(os.path.join(scene.project, "sub"))
+    scene.write("sub/locked.txt", "another file of the same name\n")
     standin = StandIn(script).start()
     try:
         os.makedirs(os.path.join(scene.home, ".codex"))
@@ -137,10 +173,46 @@ def main(cli_bin: str) -> int:
             shape = sorted(r["body"])[:12] if isinstance(r["body"], dict) else f"{str(r['body'])[:60]!r}"
             print(f"  {r['path']} {shape} {r.get('error', '')}")
         scene.check(run.returncode == 0, "codex exec finished")
-        scene.check(scene.read("locked.txt") == LOCKED_TEXT, "locked.txt is unchanged after the model's patch")
+        scene.check(seen.get("after_patch") == LOCKED_TEXT, "locked.txt is unchanged after the model's patch",
+                    repr(seen.get("after_patch")))
         after_deny = json.dumps(main_loop[1]["body"]) if len(main_loop) > 1 else ""
         scene.check("locked.txt is locked by holder for \\\"release branch\\\"" in after_deny,
                     "the model was shown our one-line reason", after_deny[-600:])
+        shell_tool = next((t["name"] for t in main_loop[0]["body"]["tools"] if t.get("name") == "exec_command"), None)
+        scene.check(shell_tool == "exec_command", "Codex offers the model its shell tool, exec_command")
+        for command, asked in zip(SHELL_DENIED, shells):
+            shown, _ = call_output(main_loop, asked["call_id"])
+            scene.check(shown.count("locked.txt is locked by holder for \\\"release branch\\\" since ") == 1
+                        and "Do not edit it: message holder (send) to coordinate, or take another task." in shown,
+                        f"the shell write `{command}` is denied with our one-line reason", shown[:600])
+        scene.check(seen.get("after_denied") == LOCKED_TEXT, "locked.txt is unchanged after the denied shell writes",
+                    repr(seen.get("after_denied")))
+        shown, _ = call_output(main_loop, shells[len(SHELL_DENIED)]["call_id"])
+        scene.check(LOCKED_TEXT.strip() in shown and "locked by" not in shown, f"the read `{SHELL_READ}` runs", shown[:600])
+        for (command, denied), asked in zip(SHELL_IN_SUB.items(), shells[-len(SHELL_IN_SUB):]):
+            shown, _ = call_output(main_loop, asked["call_id"])
+            scene.check(("locked.txt is locked by holder" in shown) == denied,
+                        f"`{command}` in the folder the call names (workdir sub) is {'denied' if denied else 'run'}",
+                        shown[:400])
+        scene.check(scene.read("sub/locked.txt") == "sub\n", "sub/locked.txt, a free file, was written")
+        shown, after = call_output(main_loop, shells[len(SHELL_DENIED) + 1]["call_id"])
+        scene.check("locked by" not in shown and "blocked" not in shown.lower(), "the unseen write runs", shown[:600])
+        told = json.dumps(after["body"]["input"], ensure_ascii=False) if after else ""
+        report = told[told.find("Control Tower Lite: locked.txt"):][:600] if SHELL_REPORT in told else ""
+        print(f"the model was told after the unseen write: {report[:400]!r}")
+        scene.check(SHELL_REPORT in report and "locked.txt is locked by holder" in report and "restore it" in report
+                    and "message holder (send)" in report,
+                    "the next request tells the model which file, whose lock, what to do", told[-1500:])
+        last = json.dumps(main_loop[-1]["body"], ensure_ascii=False)
+        scene.check(last.count(SHELL_REPORT) == 1 and "hook.py" not in last,
+                    f"the report reached the model once, without our command line ({last.count(SHELL_REPORT)} times)")
+        scene.check(scene.read("locked.txt") == LOCKED_TEXT + "stamped by codex\n", "nothing was undone behind anyone's back",
+                    repr(scene.read("locked.txt")))
+        events = scene.broker.operator().ok("GET", "/state").get("events", [])
+        violations = [e for e in events if e.get("kind") == "lock_violation"]
+        scene.check(len(violations) == 1 and violations[0].get("actor") == seen.get("session")
+                    and "locked.txt" in violations[0].get("detail", ""),
+                    "the unseen write is a lock_violation event the human sees (GET /state)", str(events[-6:]))
         scene.check(scene.read("free.txt").strip() == "edited by codex", "free.txt was edited")
         lock = seen.get("free.txt", {})
         scene.check(lock.get("holder") == seen.get("session") and lock.get("reason") == "auto: apply_patch",
