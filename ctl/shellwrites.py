@@ -263,6 +263,7 @@ class _Parser:
                     operator = match.group(2)
                     if operator in ("<<", "<<-"):
                         body = []
+                        self.skip_blank()               # `<< 'EOF'`, as agents write it: the word after blanks
                         delimiter = self.read_word()
                         if delimiter is not None:
                             self.heredocs.append((delimiter.text, operator == "<<-", body, delimiter.quoted))

@@ -99,6 +99,10 @@ CORPUS = [
     ("python3 - <<'EOF'\nopen('x.py', 'w').write('1')\nEOF", [], W),
     ("bash <<'EOF'\nsed -i 's/a/b/' models.py\nEOF", ["models.py"], R),
     ("cat <<< 'text' > here.txt", ["here.txt"], R),
+    ("cat > free.txt << 'EOF'\necho bob > locked.txt\nsed -i 's/a/b/' models.py\nEOF", ["free.txt"], R),
+    ("cat << EOF > notes.md\nit's > here\nEOF\necho done > after.txt", ["notes.md", "after.txt"], R),
+    ("cat <<- 'EOF' >> log.txt\n\trm -rf src\n\tEOF", ["log.txt"], R),
+    ("git commit -q -m \"$(cat << 'EOF'\nFix > the parser\nEOF\n)\"", [], R),
     # tee
     ("echo x | tee out.txt", ["out.txt"], R),
     ("echo x | tee -a one.txt two.txt > /dev/null", ["one.txt", "two.txt"], R),
