@@ -3,11 +3,15 @@ for the Gemini API (GOOGLE_GEMINI_BASE_URL on 127.0.0.1, API-key auth with a dum
 
     python3 tests/conformance/gemini_real.py GEMINI_BIN_DIR
 
-A second session holds locked.txt. The model (our script) writes locked.txt with write_file, edits free.txt
+A second session holds locked.txt. The model (our script) writes locked.txt with write_file, then through
+run_shell_command (a redirection and `sed -i`, which the BeforeTool hook reads, and `../locked.txt` from the
+dir_path a call names), reads it (`cat`), writes it with a Python one-liner the hook cannot read, edits free.txt
 with replace, lists the tasks, then ends its turn while a message waits. It must hold that: locked.txt is
-unchanged and the model was shown our one-line reason; free.txt is edited and locked for the session; the tool
-result reached the model as our text, not JSON; the waiting message reached it once, fenced; install.py --status
-is right about the folder's trust (Gemini CLI agrees). Exits non-zero on any failed check.
+unchanged by write_file and the named shell writes, and the model was shown our one-line reason each time; the
+read ran; the unseen write ran and the model was told right after it which file, whose lock and what to do, and
+the human sees a lock_violation; free.txt is edited and locked for the session; the tool result reached the model
+as our text, not JSON; the waiting message reached it once, fenced; install.py --status is right about the
+folder's trust (Gemini CLI agrees). Exits non-zero on any failed check.
 """
 import json
 import os
@@ -17,6 +21,11 @@ import sys
 from realcli import FREE_TEXT, LOCKED_TEXT, MESSAGE, Scene, StandIn, around, fenced, occurrences, sse
 
 PROMPT = "Update locked.txt and free.txt as planned, then stop."
+SHELL_DENIED = ("echo overwritten > locked.txt", "sed -i s/held/taken/ locked.txt")   # writes the hook reads
+SHELL_READ = "cat locked.txt"
+SHELL_UNSEEN = "python3 -c \"open('locked.txt', 'a').write('stamped by gemini\\n')\""   # the hook cannot see in
+SHELL_REPORT = "changed during your run_shell_command call"
+SHELL_IN_SUB = {"echo sub > ../locked.txt": True, "echo sub > locked.txt": False}   # run in sub/: denied or not
 
 
 def instance(schema: dict):
@@ -36,6 +45,12 @@ def candidate(*parts) -> dict:
 
 def call(name: str, **args) -> dict:
     return {"functionCall": {"name": name, "args": args}}
+
+
+def shown_for(main_loop: list, turn: int) -> str:
+    """What the model was shown for the call it made in answer to main-loop request `turn` (1-based): the last
+    content of the next request, whose function response and whatever a hook added to it."""
+    return json.dumps(main_loop[turn]["body"]["contents"][-1], ensure_ascii=False) if len(main_loop) > turn else ""
 
 
 def is_main_loop(request) -> bool:
@@ -59,15 +74,21 @@ def main(cli_bin: str) -> int:
             answer = candidate({"text": json.dumps(instance(schema)) if schema else "ok"})
         else:
             turn = sum(1 for r in standin.requests if is_main_loop(r))
+            if turn == 2:                               # write_file was answered: the file as it left it
+                seen["after_write_file"] = scene.read("locked.txt")
+            if turn - 2 == len(SHELL_DENIED):           # the named shell writes are done: the file as they left it
+                seen["after_denied"] = scene.read("locked.txt")
             if turn == 1:
                 answer = candidate(call("write_file", file_path=locked, content="overwritten by gemini\n"))
-            elif turn == 2:
+            elif turn - 2 < len(shells):
+                answer = candidate(call("run_shell_command", **shells[turn - 2]))
+            elif turn - len(shells) == 2:
                 answer = candidate(call("replace", file_path=free, old_string=FREE_TEXT.strip(),
                                         new_string="edited by gemini", instruction="edit the free file"))
-            elif turn == 3:
+            elif turn - len(shells) == 3:
                 names = [d["name"] for t in body["tools"] for d in t.get("functionDeclarations", [])]
                 answer = candidate(call(next((n for n in names if n.endswith("list_tasks")), "list_tasks")))
-            elif turn == 4:
+            elif turn - len(shells) == 4:
                 seen.update(scene.locks(), session=scene.peers()[0])   # while it lives: its auto locks go with it
                 scene.holder.ok("POST", "/messages", {"to": scene.peers()[0], "content": MESSAGE})
                 answer = candidate({"text": "Both files handled."})
@@ -83,6 +104,10 @@ def main(cli_bin: str) -> int:
                               timeout=timeout)
 
     seen = {}                                           # the locks and the session's name, seen mid-turn
+    shells = [{"command": command} for command in (*SHELL_DENIED, SHELL_READ, SHELL_UNSEEN)]
+    shells += [{"command": command, "dir_path": "sub"} for command in SHELL_IN_SUB]
+    os.makedirs(os.path.join(scene.project, "sub"))
+    scene.write("sub/locked.txt", "another file of the same name\n")
     standin = StandIn(script).start()
     try:
         os.makedirs(os.path.join(scene.home, ".gemini"), exist_ok=True)       # gemini --version made it
@@ -107,10 +132,45 @@ def main(cli_bin: str) -> int:
         for r in standin.requests:
             print(f"  {r['path']} {r.get('error', '')}")
         scene.check(run.returncode == 0, "gemini -p finished")
-        scene.check(scene.read("locked.txt") == LOCKED_TEXT, "locked.txt is unchanged after the model's write_file")
-        after_deny = json.dumps(main_loop[1]["body"]["contents"][-1]) if len(main_loop) > 1 else ""
+        scene.check(seen.get("after_write_file") == LOCKED_TEXT, "locked.txt is unchanged after the model's write_file",
+                    repr(seen.get("after_write_file")))
+        after_deny = shown_for(main_loop, 1)
         scene.check("locked.txt is locked by holder for \\\"release branch\\\"" in after_deny,
                     "the model was shown our one-line reason", after_deny[-600:])
+        names = [d["name"] for t in main_loop[0]["body"]["tools"] for d in t.get("functionDeclarations", [])]
+        scene.check("run_shell_command" in names, "Gemini CLI offers the model its shell tool, run_shell_command")
+        for nth, command in enumerate(SHELL_DENIED):
+            shown = shown_for(main_loop, 2 + nth)
+            scene.check(shown.count('locked.txt is locked by holder for \\"release branch\\" since ') == 1
+                        and "Do not edit it: message holder (send) to coordinate, or take another task." in shown,
+                        f"the shell write `{command}` is denied with our one-line reason", shown[:600])
+        scene.check(seen.get("after_denied") == LOCKED_TEXT, "locked.txt is unchanged after the denied shell writes",
+                    repr(seen.get("after_denied")))
+        shown = shown_for(main_loop, 2 + len(SHELL_DENIED))
+        scene.check(LOCKED_TEXT.strip() in shown and "locked by" not in shown, f"the read `{SHELL_READ}` runs", shown[:600])
+        for nth, (command, denied) in enumerate(SHELL_IN_SUB.items()):
+            shown = shown_for(main_loop, 2 + len(shells) - len(SHELL_IN_SUB) + nth)
+            scene.check(("locked.txt is locked by holder" in shown) == denied,
+                        f"`{command}` in the folder the call names (dir_path sub) is {'denied' if denied else 'run'}",
+                        shown[:400])
+        scene.check(scene.read("sub/locked.txt") == "sub\n", "sub/locked.txt, a free file, was written")
+        report = shown_for(main_loop, 3 + len(SHELL_DENIED))
+        print(f"the model was told after the unseen write: {report[:700]!r}")
+        scene.check("locked by" not in report.split("Control Tower Lite:")[0] and "denied" not in report.lower(),
+                    "the unseen write runs", report[:600])
+        scene.check(SHELL_REPORT in report and "locked.txt is locked by holder" in report and "restore it" in report
+                    and "message holder (send)" in report,
+                    "the next request tells the model which file, whose lock, what to do", report[-1500:])
+        last = json.dumps(main_loop[-1]["body"], ensure_ascii=False)
+        scene.check(last.count(SHELL_REPORT) == 1 and "hook.py" not in last,
+                    f"the report reached the model once, without our command line ({last.count(SHELL_REPORT)} times)")
+        scene.check(scene.read("locked.txt") == LOCKED_TEXT + "stamped by gemini\n",
+                    "nothing was undone behind anyone's back", repr(scene.read("locked.txt")))
+        events = scene.broker.operator().ok("GET", "/state").get("events", [])
+        violations = [e for e in events if e.get("kind") == "lock_violation"]
+        scene.check(len(violations) == 1 and violations[0].get("actor") == seen.get("session")
+                    and "locked.txt" in violations[0].get("detail", ""),
+                    "the unseen write is a lock_violation event the human sees (GET /state)", str(events[-6:]))
         scene.check(scene.read("free.txt").strip() == "edited by gemini", "free.txt was edited (replace)")
         lock = seen.get("free.txt", {})
         scene.check(lock.get("holder") == seen.get("session") and lock.get("reason") == "auto: replace",
@@ -118,7 +178,7 @@ def main(cli_bin: str) -> int:
         scene.check(occurrences(main_loop, MESSAGE) == 1, "the waiting message reached the model once",
                     f"{occurrences(main_loop, MESSAGE)} times in the last request")
         scene.check(fenced(main_loop, MESSAGE), "the message is fenced", around(main_loop, MESSAGE))
-        shown = json.dumps(main_loop[3]["body"]["contents"][-1]) if len(main_loop) > 3 else ""
+        shown = shown_for(main_loop, 3 + len(shells))
         print(f"the model saw for list_tasks: {shown[:300]}")
         scene.check("No open tasks" in shown and '{\\"' not in shown.replace('{"', ""),
                     "a tool result reaches the model as our text, not JSON", shown[:400])
