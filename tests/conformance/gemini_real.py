@@ -115,15 +115,23 @@ def main(cli_bin: str) -> int:
             json.dump({"security": {"auth": {"selectedType": "gemini-api-key"}}}, handle, indent=2)
         scene.env.update(GEMINI_API_KEY="dummy", GOOGLE_GEMINI_BASE_URL=f"http://127.0.0.1:{standin.port}")
         scene.run_install("--client", "gemini", "--hooks")
+        with open(os.path.join(scene.home, ".gemini", "settings.json")) as handle:
+            timeouts = {hook.get("timeout") for groups in json.load(handle)["hooks"].values()
+                        for group in groups for hook in group["hooks"]}
+        scene.check(timeouts == {10000}, "the hooks' timeouts are written in milliseconds (10000)", str(timeouts))
         status = scene.run_install("--status")
         scene.check("NOT RUNNING" in status and f"--client gemini --trust {scene.project}" in status,
                     "--status: an untrusted project folder is reported, with the fix")
+        scene.check("answers (" in status and "but Gemini CLI shows it Disabled here" in status,
+                    "--status: the server answers but Gemini CLI shows it Disabled in that folder", status)
         refused = run_gemini(timeout=120)
         scene.check(refused.returncode != 0 and "trusted" in (refused.stdout + refused.stderr)
                     and not any(is_main_loop(r) for r in standin.requests),
                     "Gemini CLI agrees: it will not work in that folder", (refused.stdout + refused.stderr)[-400:])
         scene.run_install("--client", "gemini", "--trust")
-        scene.check("they will run in" in scene.run_install("--status"), "--status: trusted, the hooks will run")
+        status = scene.run_install("--status")
+        scene.check("they will run in" in status and "Disabled" not in status,
+                    "--status: trusted, the server is enabled and the hooks will run", status)
 
         run = run_gemini()
         print(f"$ gemini -p ... (exit {run.returncode})\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}")
