@@ -39,7 +39,8 @@ claude plugin marketplace remove control-tower-lite
 python3 "$checkout/launch.py" --stop >/dev/null
 echo "Claude Code CLI registration: 1 passed, 0 failed"
 
-# Real sessions, offline: each team gets its own HOME, broker port and state directory from the driver.
+# Real sessions, offline: each team gets its own HOME, broker port and state directory from the driver. Every scenario
+# of claude_real.py runs (team: the tools, edit locks, Stop; shell: Bash writes to a held file denied or reported).
 status=0
 timeout 600 python3 "$checkout/tests/conformance/claude_real.py" --claude "$(command -v claude)" || status=1
 timeout 300 python3 "$checkout/tests/conformance/claude_real.py" --claude "$work/claude-oldest/node_modules/.bin/claude" \

@@ -8,6 +8,10 @@ HOME with its own broker port and state directory. Their scripts are ordered by 
 stand-in, a peer in the broker), never by sleeps. The checks read the requests the CLI sent: the SessionStart
 briefing, every ctl tool's result as the model saw it, the PreToolUse refusal and the untouched file, the auto-lock,
 the Stop hook's handover (once, fenced, no loop) and its reminder (a worker once, never the architect).
+Scenario "shell": alice holds locked.txt; bob's Bash writes to it that the command names (sed -i, >, a
+here-document, tee, a path through `cd ..`) are denied with the Edit's sentence and change nothing; reads (cat, grep,
+git diff) and a free file's here-document run; a write the parser cannot see (python -c) runs, is told to the model
+once right after the call, is a lock_violation event and a message to alice; nothing is undone.
 Prints "N passed, M failed" and exits 1 on any failure. Never touches the real ~/.claude*.
 """
 import argparse
@@ -386,7 +390,106 @@ def describe_stop(request) -> str:
     return json.dumps(list(reversed(tail_messages)), ensure_ascii=False)
 
 
-SCENARIOS = {"team": (team_sessions, team_checks)}
+# ---------------------------------------------------------------- shell writes to a held file
+
+SHELL_DENIED = ("sed -i 's/alice/bob/' locked.txt", "echo bob > locked.txt",
+                "cat > locked.txt << 'EOF'\nbob's intro\nEOF",           # a here-document, as agents write one
+                "printf 'bob\\n' | tee -a locked.txt > /dev/null", "cd .. && echo bob >> proj/locked.txt")
+SHELL_READS = ("cat locked.txt", "grep -n alice locked.txt")
+NOTE_TEXT = "plan: leave locked.txt to alice, no echo bob > locked.txt"
+SHELL_FREE = f"cat > notes.md << 'EOF'\n{NOTE_TEXT}\nEOF"                # a free file; its text names the held one
+SHELL_UNSEEN = "python3 -c \"open('locked.txt', 'a').write('stamped by bob\\n')\""   # the parser cannot see in
+SHELL_DIFF = "git diff locked.txt"
+SHELL_RUNS = (*SHELL_READS, SHELL_FREE, SHELL_UNSEEN, SHELL_DIFF)       # bob's Bash calls after the denied ones
+SHELL_REPORT = "changed during your Bash call"
+
+
+def shell_sessions(team: Team, seen: dict) -> dict:
+    """alice holds locked.txt; bob writes it through Bash (named writes, then one the parser cannot see), reads
+    it (cat, grep, then git diff after the unseen write) and writes a free file; alice then checks her messages."""
+    st = team.standin
+    recorded = lambda session, tool, nth=0: (lambda: st.tool_result(session, tool, nth) is not None)  # noqa: E731
+
+    def note_file():
+        with open(os.path.join(team.project, "locked.txt")) as handle:
+            seen["after_denied"] = handle.read()
+
+    alice = [call("lock_file", {"path": "locked.txt", "reason": "rewriting the intro"}),
+             wait(recorded("bob", "Bash", len(SHELL_DENIED) + len(SHELL_RUNS) - 1), label="bob's last Bash call"),
+             run(lambda: seen.update(events=team.room_get("/state").get("events", []))),
+             call("check"),
+             end("Told about bob's write.")]
+    bob = [wait(recorded("alice", "lock_file"), label="alice's lock"),
+           *[call("Bash", {"command": command}) for command in SHELL_DENIED],
+           run(note_file),
+           *[call("Bash", {"command": command}) for command in SHELL_RUNS],
+           end("Done with the shell.")]
+    return {"alice": ("architect", alice), "bob": ("worker", bob)}
+
+
+def first_request_with(team: Team, session: str, block: dict):
+    """The first request that carries this tool_result: what the model was shown right after the call."""
+    wanted = block.get("tool_use_id") if block else None
+    return next((r for r in team.standin.requests(session)
+                 if any(isinstance(m.get("content"), list) and any(isinstance(b, dict) and b.get("tool_use_id") == wanted
+                                                                   for b in m["content"]) for m in r.messages())), None)
+
+
+def shell_checks(team: Team, label: str, seen: dict, checks: Checks, findings: list) -> None:
+    def ran(command):
+        """(text, is_error, block) of bob's Bash call of this command (the ones after the denied ones)."""
+        nth = len(SHELL_DENIED) + SHELL_RUNS.index(command)
+        return (*result_text(team, "bob", "Bash", nth), team.standin.tool_result("bob", "Bash", nth))
+
+    for nth, command in enumerate(SHELL_DENIED):
+        text, is_error = result_text(team, "bob", "Bash", nth)
+        checks.check(f"{label} bob's `{command.splitlines()[0]}` on alice's file is denied with our sentence",
+                     bool(is_error) and "locked.txt is locked by alice for \"rewriting the intro\"" in (text or "")
+                     and "Do not edit it" in (text or "") and text.count("locked.txt is locked by alice") == 1, text)
+    checks.check(f"{label} the denied commands left the file unchanged", seen.get("after_denied") == LOCKED_ORIGINAL,
+                 seen.get("after_denied"))
+    text, is_error, _ = ran("cat locked.txt")
+    checks.check(f"{label} `cat` of the held file runs, its output reaches the model",
+                 is_error is False and LOCKED_ORIGINAL.strip() in (text or ""), text)
+    text, is_error, _ = ran("grep -n alice locked.txt")
+    checks.check(f"{label} `grep` of the held file runs, its output reaches the model",
+                 is_error is False and "1:" + LOCKED_ORIGINAL.strip() in (text or ""), text)
+    text, is_error, _ = ran(SHELL_FREE)
+    try:
+        with open(os.path.join(team.project, "notes.md")) as handle:
+            note = handle.read()
+    except OSError as exc:
+        note = repr(exc)
+    checks.check(f"{label} a here-document to a free file whose text names the held file runs",
+                 is_error is False and note == NOTE_TEXT + "\n", f"{text!r}; notes.md: {note!r}")
+    text, is_error, unseen = ran(SHELL_UNSEEN)
+    checks.check(f"{label} the write the PreToolUse hook cannot see runs", unseen is not None and is_error is False, text)
+    after = first_request_with(team, "bob", unseen)
+    transcript = after.transcript() if after else ""
+    report = next((line for line in transcript.splitlines() if SHELL_REPORT in line), "")
+    findings.append(f"{label} PostToolUse report, as the model sees it: {report[:400]!r}")
+    checks.check(f"{label} the model is told right after that call: which file, whose lock, what to do",
+                 "locked.txt is locked by alice" in report and "restore it" in report and "message alice" in report,
+                 transcript[-1500:])
+    last = team.standin.requests("bob")[-1].transcript() if team.standin.requests("bob") else ""
+    checks.check(f"{label} the report reached the model once (seen {last.count(SHELL_REPORT)} times in the last request)",
+                 last.count(SHELL_REPORT) == 1, last[-1500:])
+    checks.check(f"{label} no answer shows the model our command line", "hook.py" not in last, last[-1500:])
+    text, is_error, _ = ran(SHELL_DIFF)
+    checks.check(f"{label} `git diff` of the held file runs, its output reaches the model",
+                 is_error is False and "+stamped by bob" in (text or ""), text)
+    with open(os.path.join(team.project, "locked.txt")) as handle:
+        checks.check(f"{label} nothing was undone behind anyone's back", handle.read() == LOCKED_ORIGINAL + "stamped by bob\n")
+    violations = [e for e in seen.get("events", []) if e.get("kind") == "lock_violation"]
+    checks.check(f"{label} the write is a lock_violation event the human sees (GET /state)",
+                 len(violations) == 1 and violations[0].get("actor") == "bob" and "locked.txt" in violations[0].get("detail", ""),
+                 seen.get("events", [])[-6:])
+    text, _ = result_text(team, "alice", "check")
+    checks.check(f"{label} the holder is told: a message naming the file and the writer",
+                 bool(text) and "locked.txt" in text and "bob's Bash call" in text, text)
+
+
+SCENARIOS = {"team": (team_sessions, team_checks), "shell": (shell_sessions, shell_checks)}
 
 
 def main(argv=None) -> int:
