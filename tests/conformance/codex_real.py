@@ -196,7 +196,8 @@ def main(cli_bin: str) -> int:
                         shown[:400])
         scene.check(scene.read("sub/locked.txt") == "sub\n", "sub/locked.txt, a free file, was written")
         shown, after = call_output(main_loop, shells[len(SHELL_DENIED) + 1]["call_id"])
-        scene.check("locked by" not in shown and "blocked" not in shown.lower(), "the unseen write runs", shown[:600])
+        scene.check("Process exited with code 0" in shown and "blocked" not in shown.lower(), "the unseen write runs",
+                    shown[:600])
         told = json.dumps(after["body"]["input"], ensure_ascii=False) if after else ""
         report = told[told.find("Control Tower Lite: locked.txt"):][:600] if SHELL_REPORT in told else ""
         print(f"the model was told after the unseen write: {report[:400]!r}")
@@ -213,6 +214,9 @@ def main(cli_bin: str) -> int:
         scene.check(len(violations) == 1 and violations[0].get("actor") == seen.get("session")
                     and "locked.txt" in violations[0].get("detail", ""),
                     "the unseen write is a lock_violation event the human sees (GET /state)", str(events[-6:]))
+        told_holder = [m["content"] for m in scene.holder.ok("GET", "/inbox")["messages"]]
+        scene.check(any("locked.txt" in text and str(seen.get("session")) in text for text in told_holder),
+                    "the holder is told: a message naming the file and the writer", str(told_holder))
         scene.check(scene.read("free.txt").strip() == "edited by codex", "free.txt was edited")
         lock = seen.get("free.txt", {})
         scene.check(lock.get("holder") == seen.get("session") and lock.get("reason") == "auto: apply_patch",

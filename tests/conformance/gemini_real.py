@@ -164,7 +164,7 @@ def main(cli_bin: str) -> int:
         scene.check(scene.read("sub/locked.txt") == "sub\n", "sub/locked.txt, a free file, was written")
         report = shown_for(main_loop, 3 + len(SHELL_DENIED))
         print(f"the model was told after the unseen write: {report[:700]!r}")
-        scene.check("locked by" not in report.split("Control Tower Lite:")[0] and "denied" not in report.lower(),
+        scene.check("Output: (empty)" in report and "Exit Code" not in report and "blocked" not in report,
                     "the unseen write runs", report[:600])
         scene.check(SHELL_REPORT in report and "locked.txt is locked by holder" in report and "restore it" in report
                     and "message holder (send)" in report,
@@ -179,6 +179,9 @@ def main(cli_bin: str) -> int:
         scene.check(len(violations) == 1 and violations[0].get("actor") == seen.get("session")
                     and "locked.txt" in violations[0].get("detail", ""),
                     "the unseen write is a lock_violation event the human sees (GET /state)", str(events[-6:]))
+        told_holder = [m["content"] for m in scene.holder.ok("GET", "/inbox")["messages"]]
+        scene.check(any("locked.txt" in text and str(seen.get("session")) in text for text in told_holder),
+                    "the holder is told: a message naming the file and the writer", str(told_holder))
         scene.check(scene.read("free.txt").strip() == "edited by gemini", "free.txt was edited (replace)")
         lock = seen.get("free.txt", {})
         scene.check(lock.get("holder") == seen.get("session") and lock.get("reason") == "auto: replace",
