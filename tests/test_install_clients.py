@@ -104,6 +104,24 @@ class ClientHooksTest(unittest.TestCase):
         self.assertEqual(self.read(".codex", "config.toml"), 'model = "gpt-5.5"\n')
         self.assertFalse(os.path.exists(self.path(".codex", "hooks.json")), "a file we created is gone")
 
+    def test_cursor_server_entry_has_its_documented_shape(self):
+        """Cursor's documented mcp.json (cursor.com/docs/mcp): servers under `mcpServers`, a local one as
+        `command`, `args` and optionally `env`; project scope DIR/.cursor, user scope ~/.cursor. No Cursor CLI
+        runs in CI, so this is all that is checked of it."""
+        mine = {"mcpServers": {"other": {"url": "https://example.invalid/mcp"}}}
+        self.write(json.dumps(mine), "proj", ".cursor", "mcp.json")
+        self.assertEqual(self.run_install("--client", "cursor").returncode, 0)
+        written = json.loads(self.read("proj", ".cursor", "mcp.json"))
+        self.assertEqual(list(written), ["mcpServers"])
+        self.assertEqual(written["mcpServers"]["other"], mine["mcpServers"]["other"], "the user's server stays")
+        ours = written["mcpServers"]["ctl"]
+        self.assertLessEqual(set(ours), {"command", "args", "env"})
+        self.assertIsInstance(ours["command"], str)
+        self.assertTrue(ours["args"] and all(isinstance(a, str) for a in ours["args"]))
+        self.assertTrue(ours["args"][-1].endswith("mcp_server.py"), ours)
+        self.assertEqual(self.run_install("--client", "cursor", "--scope", "user").returncode, 0)
+        self.assertIn("ctl", json.loads(self.read(".cursor", "mcp.json"))["mcpServers"])
+
     def test_hooks_for_cursor_are_refused_clearly(self):
         done = self.run_install("--client", "cursor", "--hooks")
         self.assertEqual(done.returncode, 1)
