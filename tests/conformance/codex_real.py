@@ -24,7 +24,10 @@ from realcli import FREE_TEXT, LOCKED_TEXT, MESSAGE, Scene, StandIn, around, fen
 PROMPT = "Update locked.txt and free.txt as planned, then stop."
 SHELL_DENIED = ("echo overwritten > locked.txt", "sed -i s/held/taken/ locked.txt")   # writes the hook reads
 SHELL_READ = "cat locked.txt"
-SHELL_UNSEEN = "python3 -c \"open('locked.txt', 'a').write('stamped by codex\\n')\""   # the hook cannot see in
+SHELL_UNSEEN = {             # writes the hook cannot see in, and their exit codes: a failed command is reported too
+    "python3 -c \"open('locked.txt', 'a').write('stamped by codex\\n')\"": 0,
+    "python3 -c \"open('locked.txt', 'a').write('stamped again\\n'); raise SystemExit(3)\"": 3}
+STAMPED = "stamped by codex\nstamped again\n"
 SHELL_REPORT = "changed during your Bash call"
 SHELL_IN_SUB = {"echo sub > ../locked.txt": True, "echo sub > locked.txt": False}   # run in sub/: denied or not
 _ids = itertools.count(1)
@@ -60,12 +63,15 @@ def shell(command: str, **more) -> dict:
 
 
 def call_output(requests: list, call_id: str):
-    """(what the model was shown for this call, the first request that showed it)."""
+    """(what the model was shown for this call, everything the first request that showed it placed between the
+    call and its output: what a hook added)."""
     for request in requests:
-        for item in request["body"]["input"]:
-            if item.get("type", "").endswith("call_output") and item.get("call_id") == call_id:
-                return json.dumps(item.get("output"), ensure_ascii=False), request
-    return "", None
+        items = request["body"]["input"]
+        ends = [n for n, item in enumerate(items) if item.get("call_id") == call_id]
+        if len(ends) > 1 and items[ends[-1]].get("type", "").endswith("call_output"):
+            return (json.dumps(items[ends[-1]].get("output"), ensure_ascii=False),
+                    json.dumps(items[ends[0] + 1:ends[-1]], ensure_ascii=False))
+    return "", ""
 
 
 def say(text: str) -> dict:
@@ -123,7 +129,7 @@ def main(cli_bin: str) -> int:
         return response(say("Noted the message."))
 
     seen = {}                                           # the locks and the session's name, seen mid-turn
-    shells = [shell(command) for command in (*SHELL_DENIED, SHELL_READ, SHELL_UNSEEN)]
+    shells = [shell(command) for command in (*SHELL_DENIED, SHELL_READ, *SHELL_UNSEEN)]
     shells += [shell(command, workdir="sub") for command in SHELL_IN_SUB]
     os.makedirs(os.path.join(scene.project, "sub"))
     scene.write("sub/locked.txt", "another file of the same name\n")
@@ -195,25 +201,25 @@ def main(cli_bin: str) -> int:
                         f"`{command}` in the folder the call names (workdir sub) is {'denied' if denied else 'run'}",
                         shown[:400])
         scene.check(scene.read("sub/locked.txt") == "sub\n", "sub/locked.txt, a free file, was written")
-        shown, after = call_output(main_loop, shells[len(SHELL_DENIED) + 1]["call_id"])
-        scene.check("Process exited with code 0" in shown and "blocked" not in shown.lower(), "the unseen write runs",
-                    shown[:600])
-        told = json.dumps(after["body"]["input"], ensure_ascii=False) if after else ""
-        report = told[told.find("Control Tower Lite: locked.txt"):][:600] if SHELL_REPORT in told else ""
-        print(f"the model was told after the unseen write: {report[:400]!r}")
-        scene.check(SHELL_REPORT in report and "locked.txt is locked by holder" in report and "restore it" in report
-                    and "message holder (send)" in report,
-                    "the next request tells the model which file, whose lock, what to do", told[-1500:])
+        unseen_at = len(SHELL_DENIED) + 1
+        for (command, code), asked in zip(SHELL_UNSEEN.items(), shells[unseen_at:]):
+            shown, added = call_output(main_loop, asked["call_id"])
+            scene.check(f"Process exited with code {code}" in shown and "blocked" not in shown.lower(),
+                        f"the unseen write runs (exit {code})", shown[:600])
+            print(f"the model was told after the unseen write (exit {code}): {added[:500]!r}")
+            scene.check(SHELL_REPORT in added and "locked.txt is locked by holder" in added and "restore it" in added
+                        and "message holder (send)" in added,
+                        f"right after it (exit {code}) the model is told which file, whose lock, what to do", added[-1500:])
         last = json.dumps(main_loop[-1]["body"], ensure_ascii=False)
-        scene.check(last.count(SHELL_REPORT) == 1 and "hook.py" not in last,
-                    f"the report reached the model once, without our command line ({last.count(SHELL_REPORT)} times)")
-        scene.check(scene.read("locked.txt") == LOCKED_TEXT + "stamped by codex\n", "nothing was undone behind anyone's back",
+        scene.check(last.count(SHELL_REPORT) == len(SHELL_UNSEEN) and "hook.py" not in last,
+                    f"each report reached the model once, without our command line ({last.count(SHELL_REPORT)} in all)")
+        scene.check(scene.read("locked.txt") == LOCKED_TEXT + STAMPED, "nothing was undone behind anyone's back",
                     repr(scene.read("locked.txt")))
         events = scene.broker.operator().ok("GET", "/state").get("events", [])
         violations = [e for e in events if e.get("kind") == "lock_violation"]
-        scene.check(len(violations) == 1 and violations[0].get("actor") == seen.get("session")
-                    and "locked.txt" in violations[0].get("detail", ""),
-                    "the unseen write is a lock_violation event the human sees (GET /state)", str(events[-6:]))
+        scene.check(len(violations) == len(SHELL_UNSEEN) and all(
+                    v.get("actor") == seen.get("session") and "locked.txt" in v.get("detail", "") for v in violations),
+                    "each unseen write is a lock_violation event the human sees (GET /state)", str(events[-6:]))
         told_holder = [m["content"] for m in scene.holder.ok("GET", "/inbox")["messages"]]
         scene.check(any("locked.txt" in text and str(seen.get("session")) in text for text in told_holder),
                     "the holder is told: a message naming the file and the writer", str(told_holder))
