@@ -23,7 +23,10 @@ from realcli import FREE_TEXT, LOCKED_TEXT, MESSAGE, Scene, StandIn, around, fen
 PROMPT = "Update locked.txt and free.txt as planned, then stop."
 SHELL_DENIED = ("echo overwritten > locked.txt", "sed -i s/held/taken/ locked.txt")   # writes the hook reads
 SHELL_READ = "cat locked.txt"
-SHELL_UNSEEN = "python3 -c \"open('locked.txt', 'a').write('stamped by gemini\\n')\""   # the hook cannot see in
+SHELL_UNSEEN = {             # writes the hook cannot see in, and their exit codes: a failed command is reported too
+    "python3 -c \"open('locked.txt', 'a').write('stamped by gemini\\n')\"": 0,
+    "python3 -c \"open('locked.txt', 'a').write('stamped again\\n'); raise SystemExit(3)\"": 3}
+STAMPED = "stamped by gemini\nstamped again\n"
 SHELL_REPORT = "changed during your run_shell_command call"
 SHELL_IN_SUB = {"echo sub > ../locked.txt": True, "echo sub > locked.txt": False}   # run in sub/: denied or not
 
@@ -104,7 +107,7 @@ def main(cli_bin: str) -> int:
                               timeout=timeout)
 
     seen = {}                                           # the locks and the session's name, seen mid-turn
-    shells = [{"command": command} for command in (*SHELL_DENIED, SHELL_READ, SHELL_UNSEEN)]
+    shells = [{"command": command} for command in (*SHELL_DENIED, SHELL_READ, *SHELL_UNSEEN)]
     shells += [{"command": command, "dir_path": "sub"} for command in SHELL_IN_SUB]
     os.makedirs(os.path.join(scene.project, "sub"))
     scene.write("sub/locked.txt", "another file of the same name\n")
@@ -162,23 +165,25 @@ def main(cli_bin: str) -> int:
                         f"`{command}` in the folder the call names (dir_path sub) is {'denied' if denied else 'run'}",
                         shown[:400])
         scene.check(scene.read("sub/locked.txt") == "sub\n", "sub/locked.txt, a free file, was written")
-        report = shown_for(main_loop, 3 + len(SHELL_DENIED))
-        print(f"the model was told after the unseen write: {report[:700]!r}")
-        scene.check("Output: (empty)" in report and "Exit Code" not in report and "blocked" not in report,
-                    "the unseen write runs", report[:600])
-        scene.check(SHELL_REPORT in report and "locked.txt is locked by holder" in report and "restore it" in report
-                    and "message holder (send)" in report,
-                    "the next request tells the model which file, whose lock, what to do", report[-1500:])
+        for nth, code in enumerate(SHELL_UNSEEN.values()):
+            report = shown_for(main_loop, 3 + len(SHELL_DENIED) + nth)
+            print(f"the model was told after the unseen write (exit {code}): {report[:700]!r}")
+            scene.check("Output: (empty)" in report and ("Exit Code: 3" in report if code else "Exit Code" not in report)
+                        and "blocked" not in report, f"the unseen write runs (exit {code})", report[:600])
+            scene.check(SHELL_REPORT in report and "locked.txt is locked by holder" in report and "restore it" in report
+                        and "message holder (send)" in report,
+                        f"right after it (exit {code}) the model is told which file, whose lock, what to do",
+                        report[-1500:])
         last = json.dumps(main_loop[-1]["body"], ensure_ascii=False)
-        scene.check(last.count(SHELL_REPORT) == 1 and "hook.py" not in last,
-                    f"the report reached the model once, without our command line ({last.count(SHELL_REPORT)} times)")
-        scene.check(scene.read("locked.txt") == LOCKED_TEXT + "stamped by gemini\n",
+        scene.check(last.count(SHELL_REPORT) == len(SHELL_UNSEEN) and "hook.py" not in last,
+                    f"each report reached the model once, without our command line ({last.count(SHELL_REPORT)} in all)")
+        scene.check(scene.read("locked.txt") == LOCKED_TEXT + STAMPED,
                     "nothing was undone behind anyone's back", repr(scene.read("locked.txt")))
         events = scene.broker.operator().ok("GET", "/state").get("events", [])
         violations = [e for e in events if e.get("kind") == "lock_violation"]
-        scene.check(len(violations) == 1 and violations[0].get("actor") == seen.get("session")
-                    and "locked.txt" in violations[0].get("detail", ""),
-                    "the unseen write is a lock_violation event the human sees (GET /state)", str(events[-6:]))
+        scene.check(len(violations) == len(SHELL_UNSEEN) and all(
+                    v.get("actor") == seen.get("session") and "locked.txt" in v.get("detail", "") for v in violations),
+                    "each unseen write is a lock_violation event the human sees (GET /state)", str(events[-6:]))
         told_holder = [m["content"] for m in scene.holder.ok("GET", "/inbox")["messages"]]
         scene.check(any("locked.txt" in text and str(seen.get("session")) in text for text in told_holder),
                     "the holder is told: a message naming the file and the writer", str(told_holder))
