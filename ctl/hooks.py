@@ -6,6 +6,7 @@
                             another peer holds (shellwrites.py); note the rest
     hook.py PostToolUse     after a shell tool: a file another peer holds that changed anyway is told to the model and
                             reported to the holder and the human (never undone)
+    hook.py PostToolUseFailure  the same after a shell command that failed (Claude Code runs no PostToolUse then)
     hook.py Stop            before the model ends its turn: hand it unread messages (and the human's stop
                             or pause), fenced exactly as `check` shows them; remind an idle worker once
     hook.py SessionStart    a short briefing: room, role, who is here, claims, locks, unread count
@@ -203,8 +204,9 @@ def shell_guard(command: str, cwd: str, tool: str, event: dict, peer: Peer) -> N
 
 
 def post_tool_use(event: dict, peer: Peer) -> None:
-    """After a shell call: a file another peer holds that changed during it is told to the model at once, and
-    reported (the holder and the human see it). Nothing is undone: the model or the holder decides."""
+    """After a shell call, whether it succeeded or failed (a script may write, then fail): a file another peer
+    holds that changed during it is told to the model at once, and reported (the holder and the human see it).
+    Nothing is undone: the model or the holder decides."""
     path = snapshot_path(peer, event)
     snapshot = identity.read_private(path)
     identity.remove_quietly(path)
@@ -233,7 +235,8 @@ def post_tool_use(event: dict, peer: Peer) -> None:
     if len(changed) > REPORTED_FILES:
         lines.append(f"{len(changed) - REPORTED_FILES} more locked file(s) changed too.")
     if lines:
-        emit({"hookSpecificOutput": {"hookEventName": "PostToolUse",
+        answered = "PostToolUseFailure" if event.get("hook_event_name") == "PostToolUseFailure" else "PostToolUse"
+        emit({"hookSpecificOutput": {"hookEventName": answered,
                                      "additionalContext": "Control Tower Lite: " + "\n".join(lines)}})
 
 
@@ -567,7 +570,8 @@ def wait(event: dict, peer: Peer) -> int:
 
 # ---------------------------------------------------------------- entry point
 
-EVENTS = {"PreToolUse": pre_tool_use, "PostToolUse": post_tool_use, "Stop": handing_over(stop), "SessionStart": session_start, "Wait": wait}
+EVENTS = {"PreToolUse": pre_tool_use, "PostToolUse": post_tool_use, "PostToolUseFailure": post_tool_use,
+          "Stop": handing_over(stop), "SessionStart": session_start, "Wait": wait}
 
 
 def find_peer(state_dir: str, wait: float):

@@ -34,6 +34,7 @@ PLUGIN_ID = "ctl@control-tower-lite"
 HOOK_EVENTS = {         # event -> matcher (None: every occurrence)
     "PreToolUse": "Edit|Write|NotebookEdit|Bash|Monitor",   # the tools of Claude Code 2.1.332 that write files
     "PostToolUse": "Bash|Monitor",                          # its tools that run shell commands
+    "PostToolUseFailure": "Bash|Monitor",                   # the same, when the command exits non-zero
     "Stop": None,
     "SessionStart": None,
 }

@@ -303,6 +303,20 @@ class ShellWritesHookTest(HookTestCase):
         self.assertTrue(any(m["from"] == "control-tower" and "held.py" in m["content"] for m in told), told)
         self.assertIsNone(self.bob.hook("PostToolUse", call)[1], "reported once: the snapshot is gone")
 
+    def test_an_unseen_write_then_a_failure_is_reported_too(self):
+        """Claude Code runs PostToolUseFailure, not PostToolUse, after a command that exits non-zero."""
+        call = bash("python3 gen.py && pytest", "call-failing")
+        self.assertIsNone(self.bob.hook("PreToolUse", call)[1])
+        with open(self.held, "a") as handle:        # the script wrote, then the tests failed
+            handle.write("b = 2\n")
+        code, out, _ = self.bob.hook("PostToolUseFailure", {**call, "error": "Exit code 1"})
+        context = out["hookSpecificOutput"]
+        self.assertEqual((code, context["hookEventName"]), (0, "PostToolUseFailure"), "the event it answers")
+        self.assertIn("held.py is locked by alice", context["additionalContext"])
+        events = self.broker.operator().ok("GET", "/state")["events"]
+        self.assertEqual([e["actor"] for e in events if e["kind"] == "lock_violation"], ["bob"], events)
+        self.assertIsNone(self.bob.hook("PostToolUse", call)[1], "reported once: the snapshot is gone")
+
     def test_the_holders_own_edit_during_the_call_is_not_a_violation(self):
         call = bash("sleep 1", "call-holder")
         self.bob.hook("PreToolUse", call)

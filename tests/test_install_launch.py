@@ -168,7 +168,7 @@ class InstallTest(unittest.TestCase):
         before = self.snapshot(self.home)
         self.assertEqual(self.run_install("--hooks").returncode, 0)
         hooks = self.read_json(".claude", "settings.json")["hooks"]
-        self.assertEqual(set(hooks), {"PreToolUse", "PostToolUse", "Stop", "SessionStart"})
+        self.assertEqual(set(hooks), {"PreToolUse", "PostToolUse", "PostToolUseFailure", "Stop", "SessionStart"})
         self.assertEqual(hooks["PreToolUse"][0]["hooks"][0]["command"], "my-guard", "the user's own hook stays")
         ours = hooks["PreToolUse"][1]
         self.assertEqual(ours["matcher"], "Edit|Write|NotebookEdit|Bash|Monitor")

@@ -10,8 +10,9 @@ briefing, every ctl tool's result as the model saw it, the PreToolUse refusal an
 the Stop hook's handover (once, fenced, no loop) and its reminder (a worker once, never the architect).
 Scenario "shell": alice holds locked.txt; bob's Bash writes to it that the command names (sed -i, >, a
 here-document, tee, a path through `cd ..`) are denied with the Edit's sentence and change nothing; reads (cat, grep,
-git diff) and a free file's here-document run; a write the parser cannot see (python -c) runs, is told to the model
-once right after the call, is a lock_violation event and a message to alice; nothing is undone.
+git diff) and a free file's here-document run; a write the parser cannot see (python -c, once ending in success, once in
+failure) runs, is told to the model once right after the call, is a lock_violation event and a message to alice;
+nothing is undone.
 Prints "N passed, M failed" and exits 1 on any failure. Never touches the real ~/.claude*.
 """
 import argparse
@@ -399,8 +400,9 @@ SHELL_READS = ("cat locked.txt", "grep -n alice locked.txt")
 NOTE_TEXT = "plan: leave locked.txt to alice, no echo bob > locked.txt"
 SHELL_FREE = f"cat > notes.md << 'EOF'\n{NOTE_TEXT}\nEOF"                # a free file; its text names the held one
 SHELL_UNSEEN = "python3 -c \"open('locked.txt', 'a').write('stamped by bob\\n')\""   # the parser cannot see in
+SHELL_UNSEEN_FAILING = "python3 -c \"open('locked.txt', 'a').write('and again\\n'); raise SystemExit(3)\""  # then fails
 SHELL_DIFF = "git diff locked.txt"
-SHELL_RUNS = (*SHELL_READS, SHELL_FREE, SHELL_UNSEEN, SHELL_DIFF)       # bob's Bash calls after the denied ones
+SHELL_RUNS = (*SHELL_READS, SHELL_FREE, SHELL_UNSEEN, SHELL_UNSEEN_FAILING, SHELL_DIFF)   # after the denied ones
 SHELL_REPORT = "changed during your Bash call"
 
 
@@ -427,12 +429,19 @@ def shell_sessions(team: Team, seen: dict) -> dict:
     return {"alice": ("architect", alice), "bob": ("worker", bob)}
 
 
-def first_request_with(team: Team, session: str, block: dict):
-    """The first request that carries this tool_result: what the model was shown right after the call."""
+def shown_after(team: Team, session: str, block: dict) -> str:
+    """What the model was shown right after a call: in the first request that carries its tool_result, that result
+    and everything after it (not what earlier calls added)."""
     wanted = block.get("tool_use_id") if block else None
-    return next((r for r in team.standin.requests(session)
-                 if any(isinstance(m.get("content"), list) and any(isinstance(b, dict) and b.get("tool_use_id") == wanted
-                                                                   for b in m["content"]) for m in r.messages())), None)
+    for request in team.standin.requests(session):
+        messages = request.messages()
+        for at, message in enumerate(messages):
+            content = message.get("content")
+            if isinstance(content, list) and any(isinstance(b, dict) and b.get("tool_use_id") == wanted for b in content):
+                after = [b for b in content[next(i for i, b in enumerate(content)
+                                                 if isinstance(b, dict) and b.get("tool_use_id") == wanted):]]
+                return "\n".join([block_text(after), *(block_text(m.get("content")) for m in messages[at + 1:])])
+    return ""
 
 
 def shell_checks(team: Team, label: str, seen: dict, checks: Checks, findings: list) -> None:
@@ -462,28 +471,30 @@ def shell_checks(team: Team, label: str, seen: dict, checks: Checks, findings: l
         note = repr(exc)
     checks.check(f"{label} a here-document to a free file whose text names the held file runs",
                  is_error is False and note == NOTE_TEXT + "\n", f"{text!r}; notes.md: {note!r}")
-    text, is_error, unseen = ran(SHELL_UNSEEN)
-    checks.check(f"{label} the write the PreToolUse hook cannot see runs", unseen is not None and is_error is False, text)
-    after = first_request_with(team, "bob", unseen)
-    transcript = after.transcript() if after else ""
-    report = next((line for line in transcript.splitlines() if SHELL_REPORT in line), "")
-    findings.append(f"{label} PostToolUse report, as the model sees it: {report[:400]!r}")
-    checks.check(f"{label} the model is told right after that call: which file, whose lock, what to do",
-                 "locked.txt is locked by alice" in report and "restore it" in report and "message alice" in report,
-                 transcript[-1500:])
+    for command, how, failed in ((SHELL_UNSEEN, "", False), (SHELL_UNSEEN_FAILING, ", then fails,", True)):
+        text, is_error, unseen = ran(command)
+        checks.check(f"{label} the write the PreToolUse hook cannot see{how} runs",
+                     unseen is not None and is_error is failed, text)
+        transcript = shown_after(team, "bob", unseen)
+        report = next((line for line in transcript.splitlines() if SHELL_REPORT in line), "")
+        findings.append(f"{label} report after the unseen write{how} as the model sees it: {report[:400]!r}")
+        checks.check(f"{label} the model is told right after the unseen write{how}: which file, whose lock, what to do",
+                     "locked.txt is locked by alice" in report and "restore it" in report and "message alice" in report,
+                     transcript[-1500:])
     last = team.standin.requests("bob")[-1].transcript() if team.standin.requests("bob") else ""
-    checks.check(f"{label} the report reached the model once (seen {last.count(SHELL_REPORT)} times in the last request)",
-                 last.count(SHELL_REPORT) == 1, last[-1500:])
+    checks.check(f"{label} each report reached the model once (seen {last.count(SHELL_REPORT)} times for 2 calls)",
+                 last.count(SHELL_REPORT) == 2, last[-1500:])
     checks.check(f"{label} no answer shows the model our command line", "hook.py" not in last, last[-1500:])
     text, is_error, _ = ran(SHELL_DIFF)
     checks.check(f"{label} `git diff` of the held file runs, its output reaches the model",
-                 is_error is False and "+stamped by bob" in (text or ""), text)
+                 is_error is False and "+stamped by bob" in (text or "") and "+and again" in (text or ""), text)
     with open(os.path.join(team.project, "locked.txt")) as handle:
-        checks.check(f"{label} nothing was undone behind anyone's back", handle.read() == LOCKED_ORIGINAL + "stamped by bob\n")
+        checks.check(f"{label} nothing was undone behind anyone's back",
+                     handle.read() == LOCKED_ORIGINAL + "stamped by bob\nand again\n")
     violations = [e for e in seen.get("events", []) if e.get("kind") == "lock_violation"]
-    checks.check(f"{label} the write is a lock_violation event the human sees (GET /state)",
-                 len(violations) == 1 and violations[0].get("actor") == "bob" and "locked.txt" in violations[0].get("detail", ""),
-                 seen.get("events", [])[-6:])
+    checks.check(f"{label} each unseen write is a lock_violation event the human sees (GET /state)",
+                 len(violations) == 2 and all(v.get("actor") == "bob" and "locked.txt" in v.get("detail", "")
+                                              for v in violations), seen.get("events", [])[-6:])
     text, _ = result_text(team, "alice", "check")
     checks.check(f"{label} the holder is told: a message naming the file and the writer",
                  bool(text) and "locked.txt" in text and "bob's Bash call" in text, text)
