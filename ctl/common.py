@@ -1,19 +1,25 @@
 """What every Control Tower Lite program shares: where the broker lives, its secrets, and a client.
 
-Kept small and free of heavy imports so that `mcp_server.py` starts fast.
+Kept small and free of heavy imports: every hook process imports it, and starts on every edit. So the
+socket is _socket (the socket module's enums cost 8 ms), JSON is ctl.lightjson, and the HMAC the client
+checks the broker with is computed over the builtin SHA-256 (hashlib loads OpenSSL, 4 ms); the broker's
+token minting, which needs none of this haste, is in ctl.tokens.
 """
-import base64
-import binascii
-import hashlib
-import hmac
-import json
+import _socket
 import os
-import secrets
-import socket
 import stat
 import time
 
-from ctl import entry_command, user_command
+from ctl import entry_command, lightjson, user_command
+
+try:
+    from _sha256 import sha256                  # CPython up to 3.11 (3.12 renamed it; there hashlib it is)
+except ImportError:
+    from hashlib import sha256
+try:
+    from _operator import _compare_digest as compare_digest     # what hmac.compare_digest falls back to
+except ImportError:
+    from hmac import compare_digest
 
 DEFAULT_PORT = 7878
 DEFAULT_STATE_DIR = "~/.control-tower"
@@ -94,6 +100,7 @@ def check_private_file(path: str) -> bool:
 
 def _fresh_secret_file(path: str) -> str:
     """A new random secret in a 0600 temporary file beside `path`, fsynced; returns the temporary path."""
+    import secrets                      # only the broker and launch.py make secrets
     tmp = f"{path}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
@@ -131,62 +138,20 @@ def read_secret(state_dir: str, name: str, create: bool = False) -> str:
     return value
 
 
-class TokenSigner:
-    """Mints and checks `ctl1.<payload>.<mac>` tokens; payload = v1|peer_id|generation|role|scope|expires."""
-
-    PREFIX = b"ctl-token:"
-
-    def __init__(self, key: str):
-        self._key = key.encode()
-        self._verified = {}          # token -> claims: a MAC is checked once per token, not once per request
-
-    def _mac(self, payload: bytes) -> bytes:
-        return hmac.new(self._key, self.PREFIX + payload, hashlib.sha256).digest()
-
-    def mint(self, peer_id: int, generation: int, role: str, scope: str, expires: int) -> str:
-        payload = base64.urlsafe_b64encode(f"v1|{peer_id}|{generation}|{role}|{scope}|{expires}".encode())
-        mac = base64.urlsafe_b64encode(self._mac(payload))
-        return f"ctl1.{payload.decode()}.{mac.decode()}"
-
-    def claims(self, token: str):
-        """(peer_id, generation, role, scope, expires) if the token is genuine; see _check."""
-        if token in self._verified:
-            return self._verified[token]
-        found = self._check(token)
-        if found is not None:
-            if len(self._verified) >= 4096:
-                self._verified.clear()
-            self._verified[token] = found
-        return found
-
-    def _check(self, token: str):
-        """(peer_id, generation, role, scope, expires) if the MAC is right and the token is spelled exactly
-        as minted (one canonical spelling: no padding games, no stray characters), else None."""
-        parts = token.split(".")
-        if len(parts) != 3 or parts[0] != "ctl1" or len(token) > 512:
-            return None
-        try:
-            payload = parts[1].encode("ascii")
-            expected = base64.urlsafe_b64encode(self._mac(payload))
-            if not hmac.compare_digest(parts[2].encode("ascii"), expected):
-                return None
-            if base64.urlsafe_b64encode(base64.urlsafe_b64decode(payload)) != payload:
-                return None
-            version, peer_id, generation, role, scope, expires = \
-                base64.urlsafe_b64decode(payload).decode("ascii").split("|")
-            if version != "v1":
-                return None
-            return int(peer_id), int(generation), role, scope, int(expires)
-        except (ValueError, UnicodeError, binascii.Error):
-            return None
-
-
-
 def challenge_proof(key: str, nonce: str, port: int) -> str:
     """What only the holder of the state directory's HMAC key can answer for a nonce, bound to the address
     the client dialled: a relay on another port gets a proof its client will not accept."""
     bound = f"{HOST}:{port}|{nonce}".encode()
-    return hmac.new(key.encode(), CHALLENGE_PREFIX + bound, hashlib.sha256).hexdigest()
+    return hmac_sha256(key.encode(), CHALLENGE_PREFIX + bound).hex()
+
+
+def hmac_sha256(key: bytes, message: bytes) -> bytes:
+    """HMAC-SHA256 as RFC 2104 defines it (tests check it against the hmac module), without loading OpenSSL."""
+    if len(key) > 64:
+        key = sha256(key).digest()
+    key = key.ljust(64, b"\0")
+    inner = sha256(bytes(b ^ 0x36 for b in key) + message).digest()
+    return sha256(bytes(b ^ 0x5C for b in key) + inner).digest()
 
 
 class BrokerUnavailable(Exception):
@@ -201,8 +166,14 @@ class _Wire:
     MAX_ANSWER = 8 << 20
 
     def __init__(self, port: int, timeout: float):
-        self.sock = socket.create_connection((HOST, port), timeout=timeout)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
+        try:
+            self.sock.settimeout(timeout)
+            self.sock.connect((HOST, port))
+            self.sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
+        except OSError:
+            self.sock.close()
+            raise
         self.buffer = b""
 
     def close(self) -> None:
@@ -267,7 +238,7 @@ class BrokerClient:
         if self.headers.get("connection", "").lower() == "close":
             self.close()
         try:
-            data = json.loads(raw) if raw else {}
+            data = lightjson.loads(raw) if raw else {}
         except ValueError:
             data = {"error": {"code": "bad_response", "message": raw[:200].decode(errors="replace")}}
         return status, data
@@ -276,16 +247,16 @@ class BrokerClient:
         self._conn = _Wire(self.port, timeout)
         if self.verify_key is None:
             return
-        nonce = secrets.token_hex(16)
+        nonce = os.urandom(16).hex()
         status, data = self._exchange("GET", f"/health?challenge={nonce}", None, {"Host": f"{HOST}:{self.port}"})
         proof = str(data.get("proof", "")) if isinstance(data, dict) else ""
-        if status != 200 or not hmac.compare_digest(proof.encode(), challenge_proof(self.verify_key, nonce, self.port).encode()):
+        if status != 200 or not compare_digest(proof.encode(), challenge_proof(self.verify_key, nonce, self.port).encode()):
             self.close()
             raise BrokerUnavailable(f"the process on port {self.port} is not our Control Tower broker")
 
     def request(self, method: str, path: str, body=None, token: str = None, timeout: float = None):
         """Return (status, decoded JSON); retry once on a dropped keep-alive connection."""
-        payload = None if body is None else json.dumps(body).encode()
+        payload = None if body is None else lightjson.dumps(body).encode()
         headers = {"Host": f"{HOST}:{self.port}"}
         bearer = token or self.token
         if bearer:

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 from ctl import common, dashboard
 from ctl.api import JOINING, PUBLIC, ROUTE_METHODS, ROUTES, Park, Route, room_id_from, safe_name, screen_fields, validate
-from ctl.common import TokenSigner
 from ctl.config import MAX_JSON_DEPTH, PRUNE_EVERY, Settings
 from ctl.errors import ApiError
 from ctl.store import Actor, JoinCaller, StorageBusy, Store
+from ctl.tokens import TokenSigner
 
 
 def log(message: str) -> None:

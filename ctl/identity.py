@@ -7,15 +7,10 @@
   own ancestors to find it. A stale binding (the pid reused by another process) never matches.
 - The watcher's narrow credential (read and acknowledge one inbox) is a 0600 ticket per room and name.
 """
-import json
 import os
-import re
-import secrets
-import socket
 
+from ctl import lightjson
 from ctl.common import StateError, check_private_file
-
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,31}")
 
 
 def project_root(cwd: str) -> str:
@@ -32,6 +27,8 @@ def project_root(cwd: str) -> str:
 
 def default_name(cwd: str) -> str:
     """The folder's name, made a valid peer name (the broker may still call it reserved: then `-2`)."""
+    import re                               # here: hooks import this module and never name a session
+    from ctl.names import NAME_RE
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", os.path.basename(cwd.rstrip("/")) or "peer")
     name = name.lstrip("._-")[:32] or "peer"
     return name if NAME_RE.fullmatch(name) else "peer"
@@ -87,10 +84,10 @@ def private_dirs(folder: str) -> None:
 
 def write_private(path: str, data: dict) -> None:
     private_dirs(os.path.dirname(path))
-    tmp = f"{path}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    tmp = f"{path}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "w") as handle:
-        json.dump(data, handle)
+        handle.write(lightjson.dumps(data))
     os.replace(tmp, path)
 
 
@@ -99,7 +96,7 @@ def read_private(path: str):
         if not check_private_file(path):
             return None
         with open(path) as handle:
-            return json.load(handle)
+            return lightjson.loads(handle.read())
     except (OSError, ValueError, StateError):
         return None
 
@@ -132,6 +129,7 @@ def join_socket_path(state_dir: str) -> str:
 def listen_private(path: str):
     """A Unix socket only this user can reach (0600, in a 0700 folder), or None where there are none."""
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    import socket                           # here: only the MCP server listens
     remove_quietly(path)
     try:
         listener = socket.socket(socket.AF_UNIX)
@@ -148,6 +146,7 @@ def listen_private(path: str):
 
 def ask_to_join(binding: dict, timeout: float = 9.0) -> str:
     """Ask the session's MCP server to join now (it may have to start the broker): its one-line answer."""
+    import socket                           # here: a hook asks once, at the session's first call
     try:
         with socket.socket(socket.AF_UNIX) as sock:
             sock.settimeout(timeout)

@@ -1,14 +1,13 @@
 """Peer-written text as a model sees it: inside a fence with a nonce the writer could not guess, with the
 broker's provenance (sender, role, origin, category, time, filter flag) outside it. One place, so the MCP
 server, the watcher and the hooks show messages exactly alike."""
-import re
-import secrets
+import os
 import time
 
 
 def fence(lines: list, nonce: str, label: str = "") -> str:
     """Peer-written text inside a fence the writer could not have guessed; look-alike fences defanged."""
-    body = "\n".join(re.sub(r"(<<<|>>>)", lambda m: " ".join(m.group(1)), line) for line in lines)
+    body = "\n".join(line.replace("<<<", "< < <").replace(">>>", "> > >") for line in lines)
     tag = f" {label}" if label else ""
     return f"<<<peer-text {nonce}{tag}\n{body}\npeer-text {nonce}>>>"
 
@@ -18,7 +17,7 @@ def when(timestamp: float) -> str:
 
 
 def render_messages(messages: list) -> str:
-    nonce = secrets.token_hex(6)
+    nonce = os.urandom(6).hex()      # as secrets.token_hex(6), without importing secrets
     parts = []
     for m in messages:
         flag = f", FLAGGED by the filter (rule {m['flagged']})" if m.get("flagged") else ""
