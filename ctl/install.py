@@ -514,9 +514,28 @@ def trust_codex_hooks(args, config_path: str, state_dir: str) -> str:
     return f"{len(hooks)} hooks trusted for Codex ({outcome.replace('registered in', 'recorded in', 1)})"
 
 
-def hooks_verdict(client: str, folder: str) -> tuple:
-    """(will run, what) for the hooks of one client that has them installed."""
+def missing_hooks(client: str, path: str) -> list:
+    """The client's events where this file lacks one of our hooks as this release installs it (event and
+    matcher): an install by an older release, which would leave, say, shell writes unreported."""
+    hooks = load_json(path, read_text(path)).get("hooks", {})
+    have = {(event, group.get("matcher"), str(hook.get("command", "")).rpartition(" ")[2])
+            for event, groups in (hooks.items() if isinstance(hooks, dict) else ()) if isinstance(groups, list)
+            for group in groups if is_ours(group) for hook in group["hooks"] if isinstance(hook, dict)}
+    return sorted({event for ours, (event, matcher) in hook_events(client).items()
+                   if (event, matcher, ours) not in have})
+
+
+def hooks_verdict(client: str, folder: str, path: str) -> tuple:
+    """(will run, what) for our hooks in one file of one client."""
     fix = f"{user_command('install')} --client {client}"
+    try:
+        missing = missing_hooks(client, path)
+    except InstallError as exc:
+        return False, f"cannot read them ({exc})"
+    if missing:
+        scope = "" if path == home(*HOOK_FILES[client]) else f" --scope project {folder}"
+        return False, (f"OUTDATED: installed by an older release ({', '.join(missing)} missing or different); "
+                       f"fix: {fix} --hooks{scope}")
     if client == "codex":
         try:
             hooks = codex_hooks(folder)
@@ -631,9 +650,9 @@ def hook_checks(folder: str = None) -> list:
     """(ok, what, fix) per client with hooks installed: installed is not enough, they must also run."""
     folder = folder or os.getcwd()
     checks = []
-    for client in dict.fromkeys(client for client, _ in hook_files(folder)):
-        runs, what = hooks_verdict(client, folder)
-        checks.append((runs, f"{CLIENTS[client].label} hooks: {what}", what.rpartition("fix: ")[2]))
+    for client, path in hook_files(folder):
+        runs, what = hooks_verdict(client, folder, path)
+        checks.append((runs, f"{CLIENTS[client].label} hooks in {path}: {what}", what.rpartition("fix: ")[2]))
     return checks
 
 
@@ -667,7 +686,7 @@ def status(args) -> int:
             print(f"    DOUBLED: Claude Code also has an install.py registration; remove one: "
                   f"{user_command('install')} --uninstall")
     for client, path in hook_files(folder):
-        print(f"  {CLIENTS[client].label} hooks in {path}\n    {hooks_verdict(client, folder)[1]}")
+        print(f"  {CLIENTS[client].label} hooks in {path}\n    {hooks_verdict(client, folder, path)[1]}")
     if not entries and not plugin:
         print(f"  not registered anywhere; run: {user_command('install')} --hooks")
         return 1

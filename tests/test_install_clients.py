@@ -87,6 +87,30 @@ class ClientHooksTest(unittest.TestCase):
         self.write(json.dumps(settings), ".gemini", "settings.json")
         self.assertIn("NOT RUNNING: hooksConfig.enabled is false", self.run_install("--status").stdout)
 
+    def test_hooks_an_older_release_installed_are_reported_outdated_with_the_fix(self):
+        """An install from before a hook was added (Gemini's AfterTool, Claude Code's PostToolUseFailure) or a
+        matcher changed would leave shell writes unreported while --status said the hooks run."""
+        self.run_install("--client", "gemini", "--hooks")
+        self.run_install("--client", "gemini", "--trust")
+        self.run_install("--hooks")
+        settings = json.loads(self.read(".gemini", "settings.json"))
+        del settings["hooks"]["AfterTool"]
+        self.write(json.dumps(settings), ".gemini", "settings.json")
+        claude = json.loads(self.read(".claude", "settings.json"))
+        claude["hooks"]["PostToolUse"][0]["matcher"] = "Bash"           # as before Monitor was guarded
+        self.write(json.dumps(claude), ".claude", "settings.json")
+        status = self.run_install("--status").stdout
+        self.assertIn("OUTDATED: installed by an older release (AfterTool missing or different); "
+                      "fix: ", status)
+        self.assertRegex(status, r"OUTDATED: installed by an older release \(PostToolUse missing or different\); "
+                                 r"fix: .*install\.py --client claude --hooks\n")
+        self.assertNotIn("will run", status)
+        self.run_install("--client", "gemini", "--hooks")
+        self.run_install("--client", "claude", "--hooks")
+        status = self.run_install("--status").stdout
+        self.assertNotIn("OUTDATED", status)
+        self.assertIn("they will run in", status)
+
     def test_codex_hooks_file_and_an_honest_status_without_codex(self):
         self.write('model = "gpt-5.5"\n', ".codex", "config.toml")
         done = self.run_install("--client", "codex", "--hooks")
