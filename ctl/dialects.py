@@ -7,10 +7,8 @@ briefing and the report after a shell call as `hookSpecificOutput.additionalCont
 as `systemMessage`) all three read alike.
 """
 import os
-import re
-from collections import namedtuple
 
-PATCH_PATH = re.compile(r"^\*\*\* (?:Add File|Update File|Delete File|Move to): (.+?)\s*$", re.M)
+PATCH_HEADERS = ("*** Add File: ", "*** Update File: ", "*** Delete File: ", "*** Move to: ")
 
 
 def field(name: str):
@@ -21,7 +19,14 @@ def field(name: str):
 def patch_paths(arguments) -> list:
     """Codex's apply_patch: every file its patch adds, updates, deletes or moves to."""
     text = arguments.get("command") if isinstance(arguments, dict) else arguments
-    return PATCH_PATH.findall(text) if isinstance(text, str) else []
+    if not isinstance(text, str):
+        return []
+    found = []
+    for line in text.split("\n"):
+        header = next((h for h in PATCH_HEADERS if line.startswith(h)), None)
+        if header and line[len(header):].rstrip():
+            found.append(line[len(header):].rstrip())
+    return found
 
 
 def permission_deny(reason: str) -> dict:
@@ -46,15 +51,18 @@ def block_hand_over(text: str) -> dict:
     return {"decision": "block", "reason": text}
 
 
-class Dialect(namedtuple("Dialect", "label events writers shells deny timeout_scale hand_over",
-                         defaults=(block_hand_over,))):
+class Dialect:
     """label; events: our hook -> (the client's event name, its matcher or None); writers: tool name ->
     arguments -> the paths it writes; shells: tool name -> (the argument holding its shell command, the one
     naming the folder it runs in, relative to the session's, or None); deny:
     reason -> the answer that refuses the tool call; timeout_scale: the client's unit of a hook timeout, in
     seconds (1000: milliseconds); hand_over: text -> the Stop answer that hands it to the model and goes on.
-    A named tuple, not a dataclass: `dataclasses` alone would cost every hook run several milliseconds."""
-    __slots__ = ()
+    A plain class: `dataclasses` or `collections` would cost every hook run milliseconds to import."""
+    __slots__ = ("label", "events", "writers", "shells", "deny", "timeout_scale", "hand_over")
+
+    def __init__(self, label, events, writers, shells, deny, timeout_scale, hand_over=block_hand_over):
+        self.label, self.events, self.writers, self.shells = label, events, writers, shells
+        self.deny, self.timeout_scale, self.hand_over = deny, timeout_scale, hand_over
 
     def write_targets(self, tool: str, arguments: dict) -> list:
         """The files this file tool will write, as given (relative ones are the caller's to resolve)."""
@@ -72,7 +80,9 @@ class Dialect(namedtuple("Dialect", "label events writers shells deny timeout_sc
 
 
 def matcher(*tools) -> str:
-    return "^(" + "|".join(re.escape(t) for t in tools) + ")$"
+    """A hook matcher (a regular expression) for exactly these tools; their names need no escaping."""
+    assert all(t.isidentifier() for t in tools), tools
+    return "^(" + "|".join(tools) + ")$"
 
 
 CLAUDE_WRITERS = {"Edit": field("file_path"), "Write": field("file_path"), "NotebookEdit": field("notebook_path")}

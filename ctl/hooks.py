@@ -21,12 +21,11 @@ binding its MCP server wrote (see identity.py): no token ever travels in argv or
 no binding it does nothing. With the broker down it fails open with a visible warning, except for a
 path it last saw locked by another peer, which stays closed.
 """
-import json
 import os
 import sys
 import time
 
-from ctl import common, dialects, identity, paths, user_command
+from ctl import common, dialects, identity, lightjson, paths, user_command
 from ctl.common import BrokerClient, BrokerUnavailable, StateError
 from ctl.render import render_messages, when
 
@@ -52,7 +51,7 @@ class Peer:
         """What the hooks remember between runs: locks seen held by others, what the model was told."""
         try:
             with open(self.memo_path()) as handle:
-                return json.load(handle)
+                return lightjson.loads(handle.read())
         except (OSError, ValueError):
             return {}
 
@@ -61,14 +60,14 @@ class Peer:
 
 
 def emit(answer: dict) -> None:
-    sys.stdout.write(json.dumps(answer))
+    sys.stdout.write(lightjson.dumps(answer))
     sys.stdout.flush()
 
 
 def one_line(text: str, limit: int = 80) -> str:
     """Peer text squeezed to one printable line, quoted, for a line the model reads as data."""
     flat = " ".join("".join(c if c.isprintable() else " " for c in text).split())
-    return json.dumps(flat[:limit] + ("..." if len(flat) > limit else ""), ensure_ascii=False)
+    return lightjson.dumps(flat[:limit] + ("..." if len(flat) > limit else ""), ensure_ascii=False)
 
 
 # ---------------------------------------------------------------- PreToolUse: locks that hold
@@ -157,7 +156,7 @@ def snapshot_path(peer: Peer, event: dict) -> str:
     """One file per tool call: calls that run in parallel keep their own snapshots. The call is its tool_use_id,
     or where the client sends none (Gemini CLI) its tool and arguments, which its before and after events share."""
     import hashlib
-    call = event.get("tool_use_id") or json.dumps([event.get("tool_name"), event.get("tool_input")], sort_keys=True)
+    call = event.get("tool_use_id") or lightjson.dumps([event.get("tool_name"), event.get("tool_input")], sort_keys=True)
     call = hashlib.sha256(str(call).encode()).hexdigest()[:16]
     return peer.memo_path()[:-len(".memo.json")] + f".call-{call}.json"
 
@@ -609,7 +608,7 @@ def main(argv=None) -> int:
         if argv[0] == "git-pre-commit":
             return git_pre_commit(state_dir, common.resolve_port(port_arg))
         try:
-            event = json.loads(sys.stdin.read() or "{}")
+            event = lightjson.loads(sys.stdin.read() or "{}")
         except ValueError:
             return 0
         peer = find_peer(state_dir, BINDING_WAIT if argv[0] == "SessionStart" else 0)
