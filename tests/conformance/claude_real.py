@@ -9,10 +9,10 @@ stand-in, a peer in the broker), never by sleeps. The checks read the requests t
 briefing, every ctl tool's result as the model saw it, the PreToolUse refusal and the untouched file, the auto-lock,
 the Stop hook's handover (once, fenced, no loop) and its reminder (a worker once, never the architect).
 Scenario "shell": alice holds locked.txt; bob's Bash writes to it that the command names (sed -i, >, a
-here-document, tee, a path through `cd ..`) are denied with the Edit's sentence and change nothing; reads (cat, grep,
-git diff) and a free file's here-document run; a write the parser cannot see (python -c, once ending in success, once in
-failure) runs, is told to the model once right after the call, is a lock_violation event and a message to alice;
-nothing is undone.
+here-document, tee, a path through `cd ..`, `> ../locked.txt` after an earlier call's `cd sub`) are denied with the
+Edit's sentence and change nothing; reads (cat, grep, git diff) and a free file's here-document run; a write the
+parser cannot see (python -c, once ending in success, once in failure) runs, is told to the model once right after
+the call, is a lock_violation event and a message to alice; nothing is undone, no call's snapshot is left behind.
 Prints "N passed, M failed" and exits 1 on any failure. Never touches the real ~/.claude*.
 """
 import argparse
@@ -403,7 +403,9 @@ SHELL_UNSEEN = "python3 -c \"open('locked.txt', 'a').write('stamped by bob\\n')\
 SHELL_UNSEEN_FAILING = "python3 -c \"open('locked.txt', 'a').write('and again\\n'); raise SystemExit(3)\""  # then fails
 SHELL_DIFF = "git diff locked.txt"
 SHELL_RUNS = (*SHELL_READS, SHELL_FREE, SHELL_UNSEEN, SHELL_UNSEEN_FAILING, SHELL_DIFF)   # after the denied ones
+SHELL_FROM_SUB = ("mkdir -p sub && cd sub", "echo bob > ../locked.txt")  # the shell's folder persists between calls
 SHELL_REPORT = "changed during your Bash call"
+SHELL_CALLS = len(SHELL_DENIED) + len(SHELL_RUNS) + len(SHELL_FROM_SUB)
 
 
 def shell_sessions(team: Team, seen: dict) -> dict:
@@ -417,7 +419,7 @@ def shell_sessions(team: Team, seen: dict) -> dict:
             seen["after_denied"] = handle.read()
 
     alice = [call("lock_file", {"path": "locked.txt", "reason": "rewriting the intro"}),
-             wait(recorded("bob", "Bash", len(SHELL_DENIED) + len(SHELL_RUNS) - 1), label="bob's last Bash call"),
+             wait(recorded("bob", "Bash", SHELL_CALLS - 1), label="bob's last Bash call"),
              run(lambda: seen.update(events=team.room_get("/state").get("events", []))),
              call("check"),
              end("Told about bob's write.")]
@@ -425,6 +427,7 @@ def shell_sessions(team: Team, seen: dict) -> dict:
            *[call("Bash", {"command": command}) for command in SHELL_DENIED],
            run(note_file),
            *[call("Bash", {"command": command}) for command in SHELL_RUNS],
+           *[call("Bash", {"command": command}) for command in SHELL_FROM_SUB],
            end("Done with the shell.")]
     return {"alice": ("architect", alice), "bob": ("worker", bob)}
 
@@ -471,13 +474,13 @@ def shell_checks(team: Team, label: str, seen: dict, checks: Checks, findings: l
         note = repr(exc)
     checks.check(f"{label} a here-document to a free file whose text names the held file runs",
                  is_error is False and note == NOTE_TEXT + "\n", f"{text!r}; notes.md: {note!r}")
-    for command, how, failed in ((SHELL_UNSEEN, "", False), (SHELL_UNSEEN_FAILING, ", then fails,", True)):
+    for command, how, failed in ((SHELL_UNSEEN, "", False), (SHELL_UNSEEN_FAILING, " (then failing)", True)):
         text, is_error, unseen = ran(command)
         checks.check(f"{label} the write the PreToolUse hook cannot see{how} runs",
                      unseen is not None and is_error is failed, text)
         transcript = shown_after(team, "bob", unseen)
         report = next((line for line in transcript.splitlines() if SHELL_REPORT in line), "")
-        findings.append(f"{label} report after the unseen write{how} as the model sees it: {report[:400]!r}")
+        findings.append(f"{label} report after the unseen write{how}, as the model sees it: {report[:400]!r}")
         checks.check(f"{label} the model is told right after the unseen write{how}: which file, whose lock, what to do",
                      "locked.txt is locked by alice" in report and "restore it" in report and "message alice" in report,
                      transcript[-1500:])
@@ -488,6 +491,15 @@ def shell_checks(team: Team, label: str, seen: dict, checks: Checks, findings: l
     text, is_error, _ = ran(SHELL_DIFF)
     checks.check(f"{label} `git diff` of the held file runs, its output reaches the model",
                  is_error is False and "+stamped by bob" in (text or "") and "+and again" in (text or ""), text)
+    text, is_error = result_text(team, "bob", "Bash", SHELL_CALLS - 2)
+    checks.check(f"{label} `{SHELL_FROM_SUB[0]}` runs", is_error is False, text)
+    text, is_error = result_text(team, "bob", "Bash", SHELL_CALLS - 1)
+    checks.check(f"{label} then `{SHELL_FROM_SUB[1]}` (from the folder the shell is in) is denied with our sentence",
+                 bool(is_error) and "locked.txt is locked by alice" in (text or "") and "Do not edit it" in (text or ""),
+                 text)
+    sessions = os.path.join(team.state_dir, "sessions")
+    left = [f for f in os.listdir(sessions) if ".call-" in f] if os.path.isdir(sessions) else []
+    checks.check(f"{label} every call's snapshot is gone after its call", not left, left)
     with open(os.path.join(team.project, "locked.txt")) as handle:
         checks.check(f"{label} nothing was undone behind anyone's back",
                      handle.read() == LOCKED_ORIGINAL + "stamped by bob\nand again\n")
