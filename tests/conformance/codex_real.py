@@ -3,15 +3,16 @@ for the OpenAI Responses API (a custom model provider on 127.0.0.1, streamed ser
 
     python3 tests/conformance/codex_real.py CODEX_BIN_DIR
 
-A second session holds locked.txt. The model (our script) patches locked.txt, writes it through the shell
-(exec_command: a redirection and `sed -i`, which the PreToolUse hook reads), reads it (`cat`), writes it with a
-Python one-liner the hook cannot read, patches free.txt, lists the tasks (finding the tool through Codex's tool
-search), then ends its turn while a message waits. It must hold that: locked.txt is unchanged by the patch and the
-named shell writes, and the model was shown our one-line reason each time; the read ran; the unseen write ran and
-the model was told right after it which file, whose lock and what to do, and the human sees a lock_violation;
-free.txt is edited and locked for the session; the tool result reached the model as our text, not JSON; the
-waiting message reached it once, fenced; install.py trusts exactly our hooks and --status is right about that
-trust. Exits non-zero on a failed check.
+A second session holds locked.txt. The model (our script) patches locked.txt; writes it through the shell
+(exec_command: a redirection and `sed -i`, which the PreToolUse hook reads); reads it (`cat`); writes it with two
+Python one-liners the hook cannot read (the second then fails); writes `../locked.txt` and `locked.txt` from the
+workdir `sub`; patches free.txt; lists the tasks (finding the tool through Codex's tool search); then ends its
+turn while a message waits. It must hold that: locked.txt is unchanged by the patch and the named shell writes,
+and the model was shown our one-line reason each time; the read and the free file in sub/ ran; each unseen write
+ran, the model was told right after it which file, whose lock and what to do, the human sees a lock_violation and
+the holder a message; free.txt is edited and locked for the session; the tool result reached the model as our
+text, not JSON; the waiting message reached it once, fenced; install.py trusts exactly our hooks and --status is
+right about that trust. Exits non-zero on a failed check.
 """
 import itertools
 import json

@@ -3,15 +3,16 @@ for the Gemini API (GOOGLE_GEMINI_BASE_URL on 127.0.0.1, API-key auth with a dum
 
     python3 tests/conformance/gemini_real.py GEMINI_BIN_DIR
 
-A second session holds locked.txt. The model (our script) writes locked.txt with write_file, then through
-run_shell_command (a redirection and `sed -i`, which the BeforeTool hook reads, and `../locked.txt` from the
-dir_path a call names), reads it (`cat`), writes it with a Python one-liner the hook cannot read, edits free.txt
-with replace, lists the tasks, then ends its turn while a message waits. It must hold that: locked.txt is
-unchanged by write_file and the named shell writes, and the model was shown our one-line reason each time; the
-read ran; the unseen write ran and the model was told right after it which file, whose lock and what to do, and
-the human sees a lock_violation; free.txt is edited and locked for the session; the tool result reached the model
-as our text, not JSON; the waiting message reached it once, fenced; install.py --status is right about the
-folder's trust (Gemini CLI agrees). Exits non-zero on any failed check.
+A second session holds locked.txt. The model (our script) writes locked.txt with write_file; then through
+run_shell_command (a redirection and `sed -i`, which the BeforeTool hook reads); reads it (`cat`); writes it with
+two Python one-liners the hook cannot read (the second then fails); writes `../locked.txt` and `locked.txt` from
+the dir_path `sub`; edits free.txt with replace; lists the tasks; then ends its turn while a message waits. It
+must hold that: locked.txt is unchanged by write_file and the named shell writes, and the model was shown our
+one-line reason each time; the read and the free file in sub/ ran; each unseen write ran, the model was told right
+after it which file, whose lock and what to do, the human sees a lock_violation and the holder a message; free.txt
+is edited and locked for the session; the tool result reached the model as our text, not JSON; the waiting
+message reached it once, fenced; hook timeouts are milliseconds; install.py --status is right about the folder's
+trust (Gemini CLI agrees). Exits non-zero on any failed check.
 """
 import json
 import os
