@@ -10,7 +10,10 @@
 import os
 
 from ctl import lightjson
-from ctl.common import StateError, check_private_file
+from ctl.common import StateError, check_private_file, sha256
+
+NAME_CHARACTERS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
+RUN = object()          # a run of characters a name may not hold, in default_name
 
 
 def project_root(cwd: str) -> str:
@@ -26,12 +29,16 @@ def project_root(cwd: str) -> str:
 
 
 def default_name(cwd: str) -> str:
-    """The folder's name, made a valid peer name (the broker may still call it reserved: then `-2`)."""
-    import re                               # here: hooks import this module and never name a session
-    from ctl.names import NAME_RE
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", os.path.basename(cwd.rstrip("/")) or "peer")
-    name = name.lstrip("._-")[:32] or "peer"
-    return name if NAME_RE.fullmatch(name) else "peer"
+    """The folder's name, made a valid peer name (the broker may still call it reserved: then `-2`): each run
+    of other characters becomes one `-` (without re, which the MCP server's start would pay for)."""
+    kept = []
+    for char in os.path.basename(cwd.rstrip("/")) or "peer":
+        if char in NAME_CHARACTERS:
+            kept.append(char)
+        elif not kept or kept[-1] is not RUN:
+            kept.append(RUN)
+    name = "".join("-" if c is RUN else c for c in kept).lstrip("._-")[:32]
+    return name or "peer"
 
 
 def process_start(pid: int):
@@ -48,7 +55,6 @@ def process_start(pid: int):
 def agent_id() -> str:
     """The same for every join of one agent process (this server's parent), different across agents and boots:
     the broker keeps a kicked agent out under any name it picks. Same-user processes can forge it (SECURITY.md)."""
-    import hashlib
     parent = os.getppid()
     info = process_start(parent)
     try:
@@ -56,7 +62,7 @@ def agent_id() -> str:
             boot = handle.read().strip()
     except OSError:
         boot = ""
-    return hashlib.sha256(f"{parent}:{info[1] if info else ''}:{boot}".encode()).hexdigest()[:32]
+    return sha256(f"{parent}:{info[1] if info else ''}:{boot}".encode()).hexdigest()[:32]
 
 
 def ancestors(pid: int, depth: int = 12):

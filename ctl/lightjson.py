@@ -1,9 +1,9 @@
-"""JSON for short-lived processes (the hooks, their client) through CPython's C accelerator alone.
+"""JSON for processes that start often (the hooks, the MCP server) through CPython's C accelerator alone.
 
 Importing the json package imports re and enum: about 8 ms of a hook process that starts on every edit, as
 much as Python's own start. The C scanner and encoder behind json need neither. Where they are missing or do
-not behave as json does (another Python), this is the json package itself. Long-running processes (the broker,
-the MCP server) use json directly.
+not behave as json does (another Python), this is the json package itself. It writes compact JSON, as the
+broker does.
 """
 try:
     from _json import encode_basestring, encode_basestring_ascii, make_encoder, make_scanner
@@ -42,15 +42,15 @@ def _c_dumps(value, ensure_ascii: bool = True, sort_keys: bool = False) -> str:
     encode = _encoders.get(key)
     if encode is None:
         encode = _encoders[key] = make_encoder({}, _not_serializable, encode_basestring_ascii if ensure_ascii
-                                               else encode_basestring, None, ": ", ", ", sort_keys, False, True)
+                                               else encode_basestring, None, ":", ",", sort_keys, False, True)
     return "".join(encode(value, 0))
 
 
 def _behaves_as_json() -> bool:
-    sample = '{"a": [1, 2.5, "\\u00e9\\"", true, null], "b": {"c": "d"}}'
+    sample = '{"a":[1,2.5,"\\u00e9\\"",true,null],"b":{"c":"d"}}'
     try:
         return _c_loads(sample) == {"a": [1, 2.5, 'é"', True, None], "b": {"c": "d"}} and \
-            _c_dumps(_c_loads(sample)) == sample and _c_dumps({"é": 1}, False) == '{"é": 1}'
+            _c_dumps(_c_loads(sample)) == sample and _c_dumps({"é": 1}, False) == '{"é":1}'
     except Exception:
         return False
 
@@ -67,4 +67,4 @@ else:
         return json.loads(text)
 
     def dumps(value, ensure_ascii: bool = True, sort_keys: bool = False) -> str:
-        return json.dumps(value, ensure_ascii=ensure_ascii, sort_keys=sort_keys)
+        return json.dumps(value, ensure_ascii=ensure_ascii, sort_keys=sort_keys, separators=(",", ":"))

@@ -8,23 +8,16 @@ argv. Tool calls run on worker threads so a waiting `check` never blocks `ping` 
     python3 mcp_server.py              serve one session over stdio (what Claude Code starts)
     python3 mcp_server.py watch ROOM/NAME   wait for that session's next message, print it, exit
 """
-import argparse
-import json
+import _signal
 import os
-import re
-import secrets
-import shlex
-import signal
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from urllib.parse import quote
+from collections import namedtuple
 
 import ctl
-from ctl import common, entry_command, identity, user_command
-from ctl.render import fence, render_messages, when
+from ctl import common, entry_command, identity, lightjson, user_command
+from ctl.render import fence, new_nonce, render_messages, when
 from ctl.common import BrokerClient, BrokerUnavailable, StateError
 
 
@@ -161,7 +154,11 @@ class Session:
     def offer_join(self) -> None:
         """Join on first use, not at start: a health check (`claude mcp list`) that never calls a tool or runs a
         hook leaves no room, no events and no broker behind. The hooks ask for the join through a socket only
-        this user can reach, so the session exists from its first hook, whatever it is."""
+        this user can reach, so the session exists from its first hook, whatever it is. All of it in the
+        background: the client's tools/list is not kept waiting on the socket module's import."""
+        threading.Thread(target=self.serve_join_requests, daemon=True, name="join-socket").start()
+
+    def serve_join_requests(self) -> None:
         path = identity.join_socket_path(self.state_dir)
         listener = identity.listen_private(path)
         if listener is None:
@@ -169,10 +166,7 @@ class Session:
         self.join_socket = path
         with self.lock:
             if self.token is None:
-                self.write_binding()
-        threading.Thread(target=self.serve_join_requests, args=(listener,), daemon=True, name="join-socket").start()
-
-    def serve_join_requests(self, listener) -> None:
+                self.write_binding()            # the socket first: a hook that finds the binding can ask at once
         while not self.stopping.is_set():
             try:
                 conn, _ = listener.accept()
@@ -220,6 +214,7 @@ class Session:
         if self.state_dir != common.resolve_state_dir(common.DEFAULT_STATE_DIR):
             command += ["--state-dir", self.state_dir]
         command += ["watch", f"{self.room_name}/{self.name}"]
+        import shlex                        # here, as the other modules only some calls need: a fast start
         return shlex.join(command)
 
     def needs_watcher(self) -> bool:
@@ -339,19 +334,17 @@ def _obj(required: list, **properties) -> dict:
     return {"type": "object", "properties": properties, "required": required, "additionalProperties": False}
 
 
+def _search(pattern: str, value: str):
+    import re                           # here: only a tool call with a patterned argument needs it
+    return re.search(pattern, value)
+
+
 def _out(required: list, **properties) -> dict:
     return {"type": "object", "properties": properties, "required": required}
 
 
-@dataclass(frozen=True)
-class Tool:
-    name: str
-    title: str
-    description: str
-    input_schema: dict
-    output_schema: dict
-    annotations: dict
-    handler: object            # handler(session, arguments) -> (structured dict, text for the model)
+# handler(session, arguments) -> (structured dict, text for the model)
+Tool = namedtuple("Tool", "name title description input_schema output_schema annotations handler")
 
 
 def notice(session, tool: str = "") -> str:
@@ -456,6 +449,7 @@ def t_create_task(session, args):
 
 
 def t_list_tasks(session, args):
+    from urllib.parse import quote
     query = "&".join(f"{k}={quote(str(args[k]))}" for k in ("status", "after") if args.get(k))
     data = session.ok("GET", f"/tasks?{query}" if query else "/tasks")
     status = args.get("status")
@@ -467,7 +461,7 @@ def t_list_tasks(session, args):
     peer_text = [line for t in tasks for line in _peer_lines(t["id"], "title", t["title"])]
     peer_text += [line for t in tasks if t["status"] == "done" and t.get("summary")
                   for line in _peer_lines(t["id"], "summary", t["summary"])]
-    lines = [heading] + [_task_facts(t) for t in tasks] + [fence(peer_text, secrets.token_hex(6), "titles")]
+    lines = [heading] + [_task_facts(t) for t in tasks] + [fence(peer_text, new_nonce(), "titles")]
     if data.get("next_after"):
         again = f"status='{status}', " if status else ""
         lines.append(f"More after #{data['next_after']}: list_tasks with {again}after={data['next_after']}.")
@@ -479,7 +473,7 @@ def t_list_tasks(session, args):
 def t_claim_task(session, args):
     body = {"task_id": args["task_id"]} if args.get("task_id") else {}
     task = session.ok("POST", "/tasks/claim", body)
-    nonce = secrets.token_hex(6)
+    nonce = new_nonce()
     lines = [f"Claimed task #{task['id']}.", fence(task["title"].splitlines(), nonce, "title")]
     if task.get("description"):
         lines.append(fence(task["description"].splitlines(), nonce, "description"))
@@ -514,7 +508,7 @@ def t_lock_file(session, args):
         held = error["lock"]
         raise ToolRefusal(f"{held['path']} is locked by {held['holder']} since {when(held['since'])}; message them "
                           f"or work on another file. Their reason:\n"
-                          + fence((held["reason"] or "(none given)").splitlines(), secrets.token_hex(6), "reason"))
+                          + fence((held["reason"] or "(none given)").splitlines(), new_nonce(), "reason"))
     if status != 200:
         raise ToolRefusal(error.get("message", f"the broker answered {status}"))
     return data, f"Locked {data['path']}" + (" (a new file: it does not exist yet)." if data.get("new_file") else ".")
@@ -531,11 +525,12 @@ def t_set_memory(session, args):
 
 
 def t_get_memory(session, args):
+    from urllib.parse import quote
     query = f"?key={quote(args['key'], safe='')}" if args.get("key") else ""
     data = session.ok("GET", f"/memory{query}")
     if not data["entries"]:
         return data, "Shared memory is empty."
-    nonce = secrets.token_hex(6)
+    nonce = new_nonce()
     lines = []
     for entry in data["entries"]:
         lines.append(f"Set by {entry['updated_by']} at {when(entry['updated_at'])}:")
@@ -636,7 +631,7 @@ def schema_errors(schema: dict, value, where: str) -> list:
             problems.append(f"{where} must not be empty")
         if len(value) > schema.get("maxLength", len(value)):
             problems.append(f"{where} is longer than {schema['maxLength']} characters")
-        if "pattern" in schema and not re.search(schema["pattern"], value):
+        if "pattern" in schema and not _search(schema["pattern"], value):
             problems.append(f"{where} has an invalid format")
     if isinstance(value, int) and not isinstance(value, bool):
         if value < schema.get("minimum", value) or value > schema.get("maximum", value):
@@ -644,7 +639,7 @@ def schema_errors(schema: dict, value, where: str) -> list:
     if isinstance(value, list):
         if len(value) > schema.get("maxItems", len(value)):
             problems.append(f"{where} has more than {schema['maxItems']} items")
-        if schema.get("uniqueItems") and len(set(map(json.dumps, value))) != len(value):
+        if schema.get("uniqueItems") and len(set(map(lightjson.dumps, value))) != len(value):
             problems.append(f"{where} repeats an item")
         for i, item in enumerate(value):
             problems += schema_errors(schema["items"], item, f"{where}[{i}]")
@@ -677,7 +672,7 @@ class Server:
         self.session = session
         self.out = out or sys.stdout.buffer
         self.write_lock = threading.Lock()
-        self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="tool")
+        self._pool = None           # made at the first tool call: concurrent.futures is slow to import
         self.protocol = None
         self.cancelled = set()
         self.client_capabilities = {}
@@ -687,11 +682,17 @@ class Server:
         self.notifications = {"notifications/initialized": self.initialized,
                               "notifications/cancelled": self.cancel}
 
+    def pool(self):
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+            self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="tool")
+        return self._pool
+
     def send(self, message: dict) -> None:
         try:
-            data = json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode()
+            data = lightjson.dumps(message, ensure_ascii=False).encode()
         except UnicodeEncodeError:          # a lone surrogate somewhere: \u-escapes are still valid JSON
-            data = json.dumps(message, separators=(",", ":")).encode()
+            data = lightjson.dumps(message).encode()
         data += b"\n"
         with self.write_lock:
             self.out.write(data)
@@ -703,7 +704,7 @@ class Server:
             if not line:
                 continue
             try:
-                message = json.loads(line)
+                message = lightjson.loads(line)
             except (ValueError, RecursionError):
                 self.send(error_response(None, -32700, "Parse error: each line must be one JSON-RPC message"))
                 continue
@@ -752,7 +753,7 @@ class Server:
         if method.startswith("notifications/"):
             return error_response(msg_id, -32600, "Invalid Request: notifications carry no id")
         if method == "tools/call" and not in_batch:
-            self.pool.submit(self.run_tool_call, msg_id, params)
+            self.pool().submit(self.run_tool_call, msg_id, params)
             return None
         handler = self.methods.get(method)
         if handler is None:
@@ -950,18 +951,34 @@ WATCH_ENDINGS = {"kicked": "watch: the human removed this session from the room.
 # ---------------------------------------------------------------- main
 
 
-def main(argv=None) -> int:
+def server_options(argv: list):
+    """(port, state dir) of the server as agents start it (`[--port N] [--state-dir DIR]`), parsed by hand,
+    since argparse alone costs the session's start milliseconds; None for anything else (watch, --help)."""
+    options = {}
+    while len(argv) >= 2 and argv[0] in ("--port", "--state-dir") and argv[0] not in options:
+        options[argv[0]], argv = argv[1], argv[2:]
+    return None if argv else (options.get("--port"), options.get("--state-dir"))
+
+
+def command_line(argv: list):
+    import argparse
     parser = argparse.ArgumentParser(description="Control Tower Lite MCP server (stdio)")
     common.add_location_args(parser)
     sub = parser.add_subparsers(dest="command")
     watcher = sub.add_parser("watch", help="wait for a session's next message, print it and exit")
     watcher.add_argument("target", nargs="?", help="the session as ROOM/NAME (default: the only one)")
     watcher.add_argument("--timeout", type=float, default=0, help="give up after this many seconds (0: never)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    serving = server_options(argv)
+    args = command_line(argv) if serving is None else None
     try:
-        port = common.resolve_port(args.port)
-        state_dir = common.resolve_state_dir(args.state_dir)
-        if args.command == "watch":
+        port = common.resolve_port(serving[0] if serving else args.port)
+        state_dir = common.resolve_state_dir(serving[1] if serving else args.state_dir)
+        if args is not None and args.command == "watch":
             return watch(args.target, port, state_dir, args.timeout)
     except (StateError, BrokerUnavailable) as exc:
         print(f"ctl: {exc}", file=sys.stderr)
@@ -974,13 +991,14 @@ def main(argv=None) -> int:
     server = Server(session)
     heartbeat = threading.Thread(target=session.heartbeat_forever, daemon=True, name="heartbeat")
     heartbeat.start()
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.stdin.close())
+    _signal.signal(_signal.SIGTERM, lambda signum, frame: sys.stdin.close())    # _signal: no enum to import
     try:
         server.serve(sys.stdin.buffer)
     except (KeyboardInterrupt, ValueError, OSError):
         pass
     session.stopping.set()
-    server.pool.shutdown(wait=False, cancel_futures=True)
+    if server._pool is not None:
+        server._pool.shutdown(wait=False, cancel_futures=True)
     session.close()
     os._exit(0)     # at once: a tool call still waiting on the broker must not hold the exit
 

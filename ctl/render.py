@@ -16,8 +16,13 @@ def when(timestamp: float) -> str:
     return time.strftime("%H:%M:%S", time.localtime(timestamp))
 
 
+def new_nonce() -> str:
+    """A fence's nonce: secrets.token_hex(6), without importing secrets (a start-up cost)."""
+    return os.urandom(6).hex()
+
+
 def render_messages(messages: list) -> str:
-    nonce = os.urandom(6).hex()      # as secrets.token_hex(6), without importing secrets
+    nonce = new_nonce()
     parts = []
     for m in messages:
         flag = f", FLAGGED by the filter (rule {m['flagged']})" if m.get("flagged") else ""

@@ -38,9 +38,9 @@ class LeanHookTest(unittest.TestCase):
         for text in SAMPLES:
             value = lightjson.loads(text)
             self.assertEqual(json.dumps(value), json.dumps(json.loads(text)), text)
-            self.assertEqual(lightjson.dumps(value), json.dumps(value))
+            self.assertEqual(lightjson.dumps(value), json.dumps(value, separators=(",", ":")))
             self.assertEqual(lightjson.dumps(value, ensure_ascii=False, sort_keys=True),
-                             json.dumps(value, ensure_ascii=False, sort_keys=True))
+                             json.dumps(value, ensure_ascii=False, sort_keys=True, separators=(",", ":")))
         self.assertEqual(lightjson.loads(b'{"a": "\\u00e9"}'), {"a": "é"})
         for bad in ("", "{", '{"a": 1} trailing', "[1,]", "nul", '"\\x"', "{'a': 1}"):
             with self.assertRaises(ValueError, msg=bad):
