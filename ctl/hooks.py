@@ -141,6 +141,7 @@ def guard(path: str, tool: str, peer: Peer) -> bool:
 
 SNAPSHOT_FILES = 2048       # locked files whose state one call's snapshot keeps
 REPORTED_FILES = 5          # changed files reported per call (the rest are counted)
+CHANGES_KEPT = 64           # held files this session changed and may still put back (the oldest are forgotten)
 
 
 def file_state(path: str):
@@ -179,7 +180,9 @@ def others_locks(peer: Peer, memo: dict):
 
 def shell_guard(command: str, cwd: str, tool: str, event: dict, peer: Peer) -> None:
     """Deny a command that names a file another peer holds; otherwise note the state of every such file, so
-    the call's PostToolUse can tell whether one changed anyway. Never locks: a shell names too many files."""
+    the call's PostToolUse can tell whether one changed anyway. Never locks: a shell names too many files.
+    The one write let through is the undo the report after a call advises: `git checkout -- f` (or `git
+    restore f`) of a held file this session changed, while it is still as that call left it."""
     from ctl import shellwrites         # here, not at the top: an edit's hook never pays for compiling it
     root = peer.binding["root"]
     memo = peer.memo()
@@ -187,16 +190,24 @@ def shell_guard(command: str, cwd: str, tool: str, event: dict, peer: Peer) -> N
     if not held:
         return
     writes = shellwrites.write_targets(command, cwd)
-    resolved = [t if t.glob else shellwrites.Target(os.path.realpath(t.path), t.tree) for t in writes.targets]
+    real = lambda t: t if t.glob else shellwrites.Target(os.path.realpath(t.path), t.tree)   # noqa: E731
+    resolved, restores = [real(t) for t in writes.targets], {real(t) for t in writes.restores}
     linked = {found[:2] for found in (paths.file_id(t.path) for t in resolved if not t.glob)
               if found and found[2] > 1}
     key = lambda p: paths.name_key(p, root)         # noqa: E731 (the comparison both sides go through)
+    mine = memo.get("changed_by_me", {})
+    undoing = set()
     for lock_key, lock in held.items():
         same_file = linked and (paths.file_id(lock["abs_path"]) or (0, 0))[:2] in linked
-        if same_file or any(t.hits(lock_key, key) for t in resolved):
+        hits = [t for t in resolved if t.hits(lock_key, key)]
+        if hits and not same_file and not writes.unknown and all(t in restores for t in hits) and \
+                mine.get(lock_key) == file_state(lock["abs_path"]):
+            undoing.add(lock["abs_path"])               # its own change, untouched since: putting it back
+        elif same_file or hits:
             deny(held_line(lock["path"], lock) + (" (As last seen: the broker is not answering.)" if stale else ""))
             return
-    files = {lock["abs_path"]: {"state": file_state(lock["abs_path"]), "lock": lock}
+    files = {lock["abs_path"]: {"state": file_state(lock["abs_path"]), "lock": lock,
+                                "undo": lock["abs_path"] in undoing}
              for lock in list(held.values())[:SNAPSHOT_FILES]}
     identity.write_private(snapshot_path(peer, event), {"at": time.time(), "tool": tool, "files": files,
                                                         "unknown": writes.unknown})
@@ -211,10 +222,16 @@ def post_tool_use(event: dict, peer: Peer) -> None:
     identity.remove_quietly(path)
     if not isinstance(snapshot, dict) or not isinstance(snapshot.get("files"), dict):
         return
-    changed = [(name, entry["lock"]) for name, entry in snapshot["files"].items()
-               if file_state(name) != entry.get("state")]
-    if not changed:
+    root = peer.binding["root"]
+    moved = [(name, entry) for name, entry in snapshot["files"].items() if file_state(name) != entry.get("state")]
+    changed = [(name, entry["lock"]) for name, entry in moved if not entry.get("undo")]
+    if not moved:
         return
+    memo = peer.memo()
+    mine = memo.setdefault("changed_by_me", {})
+    for name, entry in moved:
+        if entry.get("undo"):
+            mine.pop(paths.name_key(name, root), None)      # put back: no longer this session's change
     tool = str(event.get("tool_name") or snapshot.get("tool") or "Bash")
     seconds = min(86400, max(0, int(time.time() - float(snapshot.get("at", 0))) + 1))
     lines = []
@@ -226,6 +243,9 @@ def post_tool_use(event: dict, peer: Peer) -> None:
             status, answer = None, {}
         if status == 200 and answer.get("holder_active"):
             continue                                # its holder was editing it meanwhile: likely its own change
+        mine[paths.name_key(name, root)] = file_state(name)     # this session may put it back
+        while len(mine) > CHANGES_KEPT:
+            mine.pop(next(iter(mine)))
         told = "they and the human have been told" if status == 200 else "the broker could not be told"
         lines.append(f"{lock['path']} is locked by {lock['holder']} (since {when(lock['since'])}) and changed "
                      f"during your {tool} call ({told}). If your command changed it, restore it (for example "
@@ -233,6 +253,7 @@ def post_tool_use(event: dict, peer: Peer) -> None:
                      f"{lock['holder']} (send) to agree on it; do not change it again.")
     if len(changed) > REPORTED_FILES:
         lines.append(f"{len(changed) - REPORTED_FILES} more locked file(s) changed too.")
+    peer.remember(memo)
     if lines:
         answered = "PostToolUseFailure" if event.get("hook_event_name") == "PostToolUseFailure" else "PostToolUse"
         emit({"hookSpecificOutput": {"hookEventName": answered,

@@ -1,7 +1,7 @@
 """Which files a shell command will write, read from its text before it runs.
 
     write_targets("sed -i s/a/b/ x.py && cat y.py > z.py", "/proj")
-      -> Writes(targets=[/proj/x.py, /proj/z.py], unknown=[])
+      -> Writes(targets=[/proj/x.py, /proj/z.py], unknown=[], restores=[])
 
 A PreToolUse hook denies a command whose targets another session has locked; whatever the text cannot
 tell (a script, `python -c`, a formatter over a folder, a file named by a variable) is listed in
@@ -45,8 +45,9 @@ class Target(namedtuple("Target", "path tree glob", defaults=(False, False))):
         return path == mine or (self.tree and path.startswith(mine.rstrip("/") + "/"))
 
 
-class Writes(namedtuple("Writes", "targets unknown")):
-    """targets: Target list; unknown: short phrases, what the text cannot tell."""
+class Writes(namedtuple("Writes", "targets unknown restores")):
+    """targets: Target list; unknown: short phrases, what the text cannot tell; restores: the targets git puts
+    back as committed or staged (`git checkout -- f`, `git restore f`), which undo a write rather than make one."""
     __slots__ = ()
 
     def hits(self, path: str, key=lambda p: p):
@@ -93,7 +94,7 @@ def _glob_regex(pattern: str):
 
 def write_targets(command: str, cwd: str) -> Writes:
     """The files `command`, run in `cwd`, will write, and what about it cannot be told from its text."""
-    writes = Writes([], [])
+    writes = Writes([], [], [])
     if not isinstance(command, str) or len(command) > MAX_COMMAND:
         writes.note("a command too long to read")
         return writes
@@ -976,9 +977,12 @@ GIT_WORKTREE = {"switch", "merge", "rebase", "pull", "cherry-pick", "revert", "a
 GIT_STASH_READS = {"list", "show"}
 
 
-def _git_paths(parser, paths, cwd) -> None:
+def _git_paths(parser, paths, cwd, restores=False) -> None:
+    before = len(parser.writes.targets)
     for word in paths:
         parser.target(word, cwd, True)
+    if restores:
+        parser.writes.restores.extend(parser.writes.targets[before:])
 
 
 def _existing(word: Word, cwd) -> bool:
@@ -1019,17 +1023,18 @@ def _git_checkout(parser, rest, cwd, stdin):
     split = next((k for k, w in enumerate(rest) if w.text == "--" and not w.quoted), None)
     options, operands = _operands(rest[:split] if split is not None else rest, "bBU", ("--orphan", "--conflict"))
     if split is not None:
-        _git_paths(parser, rest[split + 1:], cwd)
+        _git_paths(parser, rest[split + 1:], cwd, restores=[w.text for w in operands] in ([], ["HEAD"]))
         return
-    if _has(options, "-b", "-B", "--orphan", "--detach") or (operands and not _existing(operands[0], cwd)):
+    switches = _has(options, "-b", "-B", "--orphan", "--detach") or (operands and not _existing(operands[0], cwd))
+    if switches:
         parser.writes.note("git checkout switches branches, rewriting the work tree")
         operands = operands[1:]
-    _git_paths(parser, [w for w in operands if _existing(w, cwd)], cwd)
+    _git_paths(parser, [w for w in operands if _existing(w, cwd)], cwd, restores=not switches)
 
 
 def _git_restore(parser, rest, cwd, stdin):
-    _, operands = _operands(rest, "s", ("--source",))
-    _git_paths(parser, operands, cwd)
+    options, operands = _operands(rest, "s", ("--source",))
+    _git_paths(parser, operands, cwd, restores=_value(options, "-s", "--source") in (None, "HEAD"))
 
 
 def _git_reset(parser, rest, cwd, stdin):

@@ -317,6 +317,36 @@ class ShellWritesHookTest(HookTestCase):
         self.assertEqual([e["actor"] for e in events if e["kind"] == "lock_violation"], ["bob"], events)
         self.assertIsNone(self.bob.hook("PostToolUse", call)[1], "reported once: the snapshot is gone")
 
+    def test_the_advised_restore_of_its_own_change_runs_once_and_is_no_violation(self):
+        call = bash("python3 gen.py", "call-unseen-2")
+        self.bob.hook("PreToolUse", call)
+        with open(self.held, "a") as handle:
+            handle.write("b = 2\n")
+        self.assertIn("git checkout -- held.py", self.bob.hook("PostToolUse", call)[1]["hookSpecificOutput"]
+                      ["additionalContext"], "the report advises the undo")
+        for command in ("git checkout -- held.py && python3 gen.py", "git checkout main -- held.py",
+                        "git checkout -- held.py; echo x >> held.py"):
+            with self.subTest(command=command):
+                self.assertEqual(denied(self.bob.hook("PreToolUse", bash(command))[1]), "deny", "only the undo itself")
+        undo = bash("git checkout -- held.py", "call-undo")
+        self.assertIsNone(self.bob.hook("PreToolUse", undo)[1], "its own change, untouched since: it may put it back")
+        with open(self.held, "w") as handle:        # what git did
+            handle.write("a = 1\n")
+        self.assertIsNone(self.bob.hook("PostToolUse", undo)[1], "putting it back is not reported")
+        events = self.broker.operator().ok("GET", "/state")["events"]
+        self.assertEqual(len([e for e in events if e["kind"] == "lock_violation"]), 1, events)
+        self.assertEqual(denied(self.bob.hook("PreToolUse", bash("git restore held.py"))[1]), "deny", "once")
+
+    def test_no_restore_over_a_change_made_since(self):
+        call = bash("python3 gen.py", "call-unseen-3")
+        self.bob.hook("PreToolUse", call)
+        with open(self.held, "a") as handle:
+            handle.write("b = 2\n")
+        self.bob.hook("PostToolUse", call)
+        with open(self.held, "a") as handle:        # the holder went on working
+            handle.write("c = 3\n")
+        self.assertEqual(denied(self.bob.hook("PreToolUse", bash("git restore held.py"))[1]), "deny")
+
     def test_the_holders_own_edit_during_the_call_is_not_a_violation(self):
         call = bash("sleep 1", "call-holder")
         self.bob.hook("PreToolUse", call)

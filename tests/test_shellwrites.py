@@ -272,6 +272,19 @@ class CorpusTest(unittest.TestCase):
         folded = write_targets("rm README.md", self.cwd)
         self.assertTrue(folded.hits(os.path.join(self.cwd, "readme.md"), key=str.casefold))
 
+    def test_git_undos_are_told_apart(self):
+        """What git puts back as committed or staged undoes a write (the report after a call advises it)."""
+        for command, restored in (("git checkout -- models.py", ["models.py/"]),
+                                  ("git checkout HEAD -- models.py", ["models.py/"]),
+                                  ("git checkout models.py", ["models.py/"]),
+                                  ("git restore models.py", ["models.py/"]),
+                                  ("git restore -s HEAD models.py", ["models.py/"]),
+                                  ("git checkout main -- models.py", []), ("git restore --source=v1 models.py", []),
+                                  ("git reset -- models.py", []), ("rm models.py", []),
+                                  ("echo x > models.py; git checkout -- other.py", ["other.py/"])):
+            with self.subTest(command=command):
+                self.assertEqual(write_targets(command, self.cwd).restores, list(map(self.expected, restored)))
+
 
 class AdversarialTest(unittest.TestCase):
     """Hostile text costs time linear in its length, never a crash, and the length is capped."""

@@ -12,7 +12,8 @@ Scenario "shell": alice holds locked.txt; bob's Bash writes to it that the comma
 here-document, tee, a path through `cd ..`, `> ../locked.txt` after an earlier call's `cd sub`) are denied with the
 Edit's sentence and change nothing; reads (cat, grep, git diff) and a free file's here-document run; a write the
 parser cannot see (python -c, once ending in success, once in failure) runs, is told to the model once right after
-the call, is a lock_violation event and a message to alice; nothing is undone, no call's snapshot is left behind.
+the call, is a lock_violation event and a message to alice; nothing is undone until bob runs the advised `git
+checkout -- locked.txt`, which runs and is no violation; no call's snapshot is left behind.
 Prints "N passed, M failed" and exits 1 on any failure. Never touches the real ~/.claude*.
 """
 import argparse
@@ -403,9 +404,10 @@ SHELL_UNSEEN = "python3 -c \"open('locked.txt', 'a').write('stamped by bob\\n')\
 SHELL_UNSEEN_FAILING = "python3 -c \"open('locked.txt', 'a').write('and again\\n'); raise SystemExit(3)\""  # then fails
 SHELL_DIFF = "git diff locked.txt"
 SHELL_RUNS = (*SHELL_READS, SHELL_FREE, SHELL_UNSEEN, SHELL_UNSEEN_FAILING, SHELL_DIFF)   # after the denied ones
+SHELL_UNDO = "git checkout -- locked.txt"      # what the report advises: putting its own change back
 SHELL_FROM_SUB = ("mkdir -p sub && cd sub", "echo bob > ../locked.txt")  # the shell's folder persists between calls
 SHELL_REPORT = "changed during your Bash call"
-SHELL_CALLS = len(SHELL_DENIED) + len(SHELL_RUNS) + len(SHELL_FROM_SUB)
+SHELL_CALLS = len(SHELL_DENIED) + len(SHELL_RUNS) + 1 + len(SHELL_FROM_SUB)
 
 
 def shell_sessions(team: Team, seen: dict) -> dict:
@@ -414,9 +416,9 @@ def shell_sessions(team: Team, seen: dict) -> dict:
     st = team.standin
     recorded = lambda session, tool, nth=0: (lambda: st.tool_result(session, tool, nth) is not None)  # noqa: E731
 
-    def note_file():
+    def note_file(when):
         with open(os.path.join(team.project, "locked.txt")) as handle:
-            seen["after_denied"] = handle.read()
+            seen[when] = handle.read()
 
     alice = [call("lock_file", {"path": "locked.txt", "reason": "rewriting the intro"}),
              wait(recorded("bob", "Bash", SHELL_CALLS - 1), label="bob's last Bash call"),
@@ -425,8 +427,10 @@ def shell_sessions(team: Team, seen: dict) -> dict:
              end("Told about bob's write.")]
     bob = [wait(recorded("alice", "lock_file"), label="alice's lock"),
            *[call("Bash", {"command": command}) for command in SHELL_DENIED],
-           run(note_file),
+           run(lambda: note_file("after_denied")),
            *[call("Bash", {"command": command}) for command in SHELL_RUNS],
+           run(lambda: note_file("before_undo")),
+           call("Bash", {"command": SHELL_UNDO}),
            *[call("Bash", {"command": command}) for command in SHELL_FROM_SUB],
            end("Done with the shell.")]
     return {"alice": ("architect", alice), "bob": ("worker", bob)}
@@ -491,6 +495,12 @@ def shell_checks(team: Team, label: str, seen: dict, checks: Checks, findings: l
     text, is_error, _ = ran(SHELL_DIFF)
     checks.check(f"{label} `git diff` of the held file runs, its output reaches the model",
                  is_error is False and "+stamped by bob" in (text or "") and "+and again" in (text or ""), text)
+    checks.check(f"{label} nothing was undone behind anyone's back",
+                 seen.get("before_undo") == LOCKED_ORIGINAL + "stamped by bob\nand again\n", seen.get("before_undo"))
+    text, is_error = result_text(team, "bob", "Bash", len(SHELL_DENIED) + len(SHELL_RUNS))
+    checks.check(f"{label} bob's `{SHELL_UNDO}` (the advised undo of its own change) runs, unreported",
+                 is_error is False and SHELL_REPORT not in shown_after(
+                     team, "bob", team.standin.tool_result("bob", "Bash", len(SHELL_DENIED) + len(SHELL_RUNS))), text)
     text, is_error = result_text(team, "bob", "Bash", SHELL_CALLS - 2)
     checks.check(f"{label} `{SHELL_FROM_SUB[0]}` runs", is_error is False, text)
     text, is_error = result_text(team, "bob", "Bash", SHELL_CALLS - 1)
@@ -501,8 +511,7 @@ def shell_checks(team: Team, label: str, seen: dict, checks: Checks, findings: l
     left = [f for f in os.listdir(sessions) if ".call-" in f] if os.path.isdir(sessions) else []
     checks.check(f"{label} every call's snapshot is gone after its call", not left, left)
     with open(os.path.join(team.project, "locked.txt")) as handle:
-        checks.check(f"{label} nothing was undone behind anyone's back",
-                     handle.read() == LOCKED_ORIGINAL + "stamped by bob\nand again\n")
+        checks.check(f"{label} the file is as alice left it again", handle.read() == LOCKED_ORIGINAL)
     violations = [e for e in seen.get("events", []) if e.get("kind") == "lock_violation"]
     checks.check(f"{label} each unseen write is a lock_violation event the human sees (GET /state)",
                  len(violations) == 2 and all(v.get("actor") == "bob" and "locked.txt" in v.get("detail", "")
