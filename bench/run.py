@@ -524,10 +524,11 @@ def plugin_hook_command(event: str) -> str:
 
 
 def hook_latency(ours, runs: int) -> dict:
-    """The PreToolUse hook process, started the way Claude Code starts it (the plugin's command through
-    /bin/sh, a child of the session's agent process), alternating with a bare `python3 -S -c pass` started
-    the same way: median and p99 ms for an edit inside the project (a lock taken), one outside it (no broker
-    call), and bare Python."""
+    """The hook processes, started the way Claude Code starts them (the plugin's command through /bin/sh, a
+    child of the session's agent process), alternating with a bare `python3 -S -c pass` started the same way:
+    median and p99 ms for an edit's PreToolUse inside the project (a lock taken), one outside it (no broker
+    call), a Bash call's two hooks (its command parsed for writes, the room's locked files noted before and
+    compared after), and bare Python."""
     import socket
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     from agent_shim import read_line
@@ -557,9 +558,10 @@ def hook_latency(ours, runs: int) -> dict:
         assert json.loads(reply)["code"] == 0, reply
         return (time.perf_counter() - started) * 1000
 
-    hook = plugin_hook_command("PreToolUse")
+    hook, after = plugin_hook_command("PreToolUse"), plugin_hook_command("PostToolUse")
     bare = "python3 -S -c pass"
-    timings = {"inside the project": [], "outside the project": [], "bare python3 -S -c pass": []}
+    timings = {"inside the project": [], "outside the project": [],
+               "a Bash call, PreToolUse and PostToolUse together": [], "bare python3 -S -c pass": []}
     try:
         run(hook, json.dumps({"tool_name": "Edit", "cwd": project, "hook_event_name": "PreToolUse",
                               "tool_input": {"file_path": os.path.join(project, "warm.py")}}))    # joins
@@ -568,6 +570,11 @@ def hook_latency(ours, runs: int) -> dict:
                 event = {"tool_name": "Edit", "cwd": project, "hook_event_name": "PreToolUse",
                          "tool_input": {"file_path": os.path.join(folder, f"f{i}.py")}}
                 timings[label].append(run(hook, json.dumps(event)))
+            shell = {"tool_name": "Bash", "cwd": project, "tool_use_id": f"toolu_{i}",
+                     "tool_input": {"command": f"sed -i 's/a/b/' notes{i}.txt && cat notes{i}.txt | grep b"}}
+            timings["a Bash call, PreToolUse and PostToolUse together"].append(
+                run(hook, json.dumps({**shell, "hook_event_name": "PreToolUse"}))
+                + run(after, json.dumps({**shell, "hook_event_name": "PostToolUse", "tool_response": {}})))
             timings["bare python3 -S -c pass"].append(run(bare, ""))
     finally:
         agent.kill()
@@ -810,7 +817,7 @@ def main() -> int:
         bare_median = hooks["bare python3 -S -c pass"][0]
         for label, (median, p99) in hooks.items():
             times = "" if label.startswith("bare") else f" ({median / bare_median:.2f}× bare Python)"
-            row(f"PreToolUse hook process through /bin/sh, {label}, median / p99", "ms",
+            row(f"hook process through /bin/sh, {label}, median / p99", "ms",
                 f"{median:.1f} / {p99:.1f}{times}", "n/a (no hooks)", "")
         mem = {s.name: memory(s, flood) for s in systems if s is not previous}
         row("broker RSS, idle", "KiB", mem[ours.name][0], mem[caucus.name][0] if caucus else "n/a", "lower")
