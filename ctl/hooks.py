@@ -48,15 +48,17 @@ class Peer:
         return identity.binding_path(self.state_dir, self.binding["agent_pid"])[:-5] + ".memo.json"
 
     def memo(self) -> dict:
-        """What the hooks remember between runs: locks seen held by others, what the model was told."""
+        """What the hooks remember between runs: locks seen held by others, what the model was told. Only
+        this session's: a memo left by an earlier process with the same pid (a crash, a reused pid) is not."""
         try:
             with open(self.memo_path()) as handle:
-                return lightjson.loads(handle.read())
+                memo = lightjson.loads(handle.read())
         except (OSError, ValueError):
             return {}
+        return memo if isinstance(memo, dict) and memo.get("agent_start") == self.binding.get("agent_start") else {}
 
     def remember(self, memo: dict) -> None:
-        identity.write_private(self.memo_path(), memo)
+        identity.write_private(self.memo_path(), {**memo, "agent_start": self.binding.get("agent_start")})
 
 
 def emit(answer: dict) -> None:
@@ -156,9 +158,8 @@ def file_state(path: str):
 def snapshot_path(peer: Peer, event: dict) -> str:
     """One file per tool call: calls that run in parallel keep their own snapshots. The call is its tool_use_id,
     or where the client sends none (Gemini CLI) its tool and arguments, which its before and after events share."""
-    import hashlib
     call = event.get("tool_use_id") or lightjson.dumps([event.get("tool_name"), event.get("tool_input")], sort_keys=True)
-    call = hashlib.sha256(str(call).encode()).hexdigest()[:16]
+    call = common.sha256(str(call).encode()).hexdigest()[:16]
     return peer.memo_path()[:-len(".memo.json")] + f".call-{call}.json"
 
 

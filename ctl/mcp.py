@@ -188,11 +188,13 @@ class Session:
                     pass
 
     def close(self) -> None:
-        """At exit: leave, and take down what told the hooks about this session."""
+        """At exit: leave, and take down what told the hooks about this session and what they kept for it."""
         self.leave()
         for path in (self.binding, self.join_socket):
             if path:
                 identity.remove_quietly(path)
+        if self.binding:                    # the waiter's .wait stays: a waiter may still hold its lock
+            identity.remove_quietly(self.binding[:-len(".json")] + ".memo.json")
 
     def _join_request(self, body: dict):
         for attempt in (1, 2):

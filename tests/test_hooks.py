@@ -72,6 +72,22 @@ class JoinOnFirstUseTest(HookTestCase):
         self.assertEqual([p["name"] for p in self.broker.operator().ok("GET", "/peers")["peers"]], ["quiet"])
 
 
+class MemoTest(unittest.TestCase):
+    def test_a_memo_left_by_an_earlier_process_with_the_same_pid_is_not_this_sessions(self):
+        from ctl import common, hooks, identity
+        state = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, state, ignore_errors=True)
+        os.chmod(state, 0o700)
+        common.read_secret(state, common.HMAC_KEY_FILE, create=True)
+        earlier = hooks.Peer(state, {"port": 1, "token": "t", "agent_pid": 4242, "agent_start": 100})
+        earlier.remember({"held_by_others": {"a.py": {"holder": "bob"}}, "told_claim": True})
+        self.assertEqual(earlier.memo()["told_claim"], True)
+        later = hooks.Peer(state, {"port": 1, "token": "t", "agent_pid": 4242, "agent_start": 200})
+        self.assertEqual(later.memo(), {}, "a reused pid inherits nothing")
+        later.remember({"told_claim": False})
+        self.assertEqual(later.memo()["told_claim"], False)
+
+
 class PreToolUseTest(HookTestCase):
     def test_locks_hold_and_free_paths_are_taken(self):
         alice, bob = self.agent("alice"), self.agent("bob")
