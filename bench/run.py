@@ -124,7 +124,8 @@ class Ours:
         self.state = tempfile.mkdtemp(prefix="ctl-bench-")
         os.chmod(self.state, 0o700)
         self.env = {**os.environ, "CTL_PORT": str(self.port), "CTL_STATE_DIR": self.state,
-                    "CTL_RATE_LIMIT": "1000000", "CTL_JOIN_RATE": "100000", **(env or {})}
+                    "CTL_RATE_LIMIT": "1000000", "CTL_JOIN_RATE": "100000", "CTL_ROOM_RATE": "100000",
+                    **(env or {})}
         self.proc = None
 
     def start(self):

@@ -252,7 +252,7 @@ def r_leave(broker, actor, b):
 
 
 def r_heartbeat(broker, actor, b):
-    answer = broker.store.heartbeat(actor.peer, b["summary"], b["reach"], time.time())
+    answer = broker.store.heartbeat(actor.peer, b["summary"], b["reach"], time.time(), b["flagged"])
     fresh = broker.refreshed_token(actor)
     return {**answer, "token": fresh} if fresh else answer
 
@@ -309,12 +309,12 @@ def r_receipts(broker, actor, q):
 
 
 def r_create_task(broker, actor, b):
-    return broker.store.create_task(actor, b["title"], b["description"], b["depends_on"], time.time())
+    return broker.store.create_task(actor, b["title"], b["description"], b["depends_on"], time.time(), b["flagged"])
 
 
 def r_update_task(broker, actor, b):
     fields = {k: v for k, v in b.items() if k in ("title", "description", "depends_on") and v is not None}
-    return broker.store.update_task(actor, b["task_id"], fields, time.time())
+    return broker.store.update_task(actor, b["task_id"], fields, time.time(), b["flagged"])
 
 
 def r_tasks(broker, actor, q):
@@ -326,7 +326,7 @@ def r_claim(broker, actor, b):
 
 
 def r_complete(broker, actor, b):
-    return broker.store.complete(actor, b["task_id"], b["summary"], b["files"], time.time())
+    return broker.store.complete(actor, b["task_id"], b["summary"], b["files"], time.time(), b["flagged"])
 
 
 def p_send(broker, actor, b):
@@ -338,7 +338,7 @@ def p_complete(broker, actor, b):
 
 
 def r_lock(broker, actor, b):
-    return broker.store.lock(actor.peer, b["path"], b["reason"], time.time())
+    return broker.store.lock(actor.peer, b["path"], b["reason"], time.time(), b["flagged"])
 
 
 def r_unlock(broker, actor, b):
@@ -354,7 +354,7 @@ def r_violation(broker, actor, b):
 
 
 def r_set_memory(broker, actor, b):
-    return broker.store.set_memory(actor, b["key"], b["value"], time.time())
+    return broker.store.set_memory(actor, b["key"], b["value"], time.time(), b["flagged"])
 
 
 def r_get_memory(broker, actor, q):

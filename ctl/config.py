@@ -27,6 +27,7 @@ class Settings:
     max_connections: int
     request_timeout: float = 10.0   # a request must arrive whole within this, however it drips
     join_rate: int = 60             # joins per minute per room: a runaway script cannot mint thousands of peers
+    room_rate: int = 20             # new rooms per minute, for every join secret holder together
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -38,6 +39,7 @@ class Settings:
             max_connections=_env_int("CTL_MAX_CONNECTIONS", 512, 8, 10_000),
             request_timeout=float(_env_int("CTL_REQUEST_TIMEOUT", 10, 1, 300)),
             join_rate=_env_int("CTL_JOIN_RATE", 60, 1, 100_000),
+            room_rate=_env_int("CTL_ROOM_RATE", 20, 1, 100_000),
         )
 
 
@@ -63,7 +65,6 @@ LIMITS = {"title": 200, "description": 4000, "content": 8000, "summary": 2000, "
           "locks_per_room": 2048,
           "lock_bytes_per_room": 262144,  # so the lock list every hook and the dashboard fetch stays small
           "open_rooms": 256,         # rooms open at once; the operator archives done ones
-          "rooms_per_minute": 20,    # new rooms a minute, for every join secret holder together
           "dependents": 500,         # tasks that may wait on one task, so completing it stays cheap
           "task_list": 20,           # tasks one page of list_tasks returns; the rest are counted and paged
           "dashboard_tasks": 200,    # tasks the dashboard draws; the rest are counted

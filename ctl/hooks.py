@@ -27,7 +27,7 @@ import time
 
 from ctl import common, dialects, identity, lightjson, paths, user_command
 from ctl.common import BrokerClient, BrokerUnavailable, StateError
-from ctl.render import render_messages, when
+from ctl.render import flag_note, render_messages, when
 
 DIALECT = dialects.CLIENTS["claude"]    # the client that runs us: --client NAME (see dialects.py)
 BINDING_WAIT = 3.0          # SessionStart may run before the MCP server has joined
@@ -81,7 +81,8 @@ def deny(reason: str) -> None:
 
 def held_line(path: str, lock: dict) -> str:
     reason = lock.get("reason") or ""
-    why = f" for {one_line(reason)}" if reason else ""
+    flagged = flag_note(lock, "reason")
+    why = f" for {one_line(reason)}{flagged}{',' if flagged else ''}" if reason else ""
     return (f"{path} is locked by {lock['holder']}{why} since {when(lock['since'])}. Do not edit it: message "
             f"{lock['holder']} (send) to coordinate, or take another task.")
 

@@ -17,7 +17,7 @@ from collections import namedtuple
 
 import ctl
 from ctl import common, entry_command, identity, lightjson, user_command
-from ctl.render import fence, new_nonce, render_messages, when
+from ctl.render import fence, flag_note, new_nonce, render_messages, when
 from ctl.common import BrokerClient, BrokerUnavailable, StateError
 
 
@@ -463,7 +463,10 @@ def t_list_tasks(session, args):
     peer_text = [line for t in tasks for line in _peer_lines(t["id"], "title", t["title"])]
     peer_text += [line for t in tasks if t["status"] == "done" and t.get("summary")
                   for line in _peer_lines(t["id"], "summary", t["summary"])]
-    lines = [heading] + [_task_facts(t) for t in tasks] + [fence(peer_text, new_nonce(), "titles")]
+    marks = [f"#{t['id']} {field}{flag_note(t, field)}" for t in tasks for field in ("title", "summary")
+             if flag_note(t, field)]
+    lines = [heading] + [_task_facts(t) for t in tasks] + [f"Of the text below: {'; '.join(marks)}."] * bool(marks) \
+        + [fence(peer_text, new_nonce(), "titles")]
     if data.get("next_after"):
         again = f"status='{status}', " if status else ""
         lines.append(f"More after #{data['next_after']}: list_tasks with {again}after={data['next_after']}.")
@@ -476,9 +479,9 @@ def t_claim_task(session, args):
     body = {"task_id": args["task_id"]} if args.get("task_id") else {}
     task = session.ok("POST", "/tasks/claim", body)
     nonce = new_nonce()
-    lines = [f"Claimed task #{task['id']}.", fence(task["title"].splitlines(), nonce, "title")]
+    lines = [f"Claimed task #{task['id']}.", fence(task["title"].splitlines(), nonce, "title" + flag_note(task, "title"))]
     if task.get("description"):
-        lines.append(fence(task["description"].splitlines(), nonce, "description"))
+        lines.append(fence(task["description"].splitlines(), nonce, "description" + flag_note(task, "description")))
     for before in task.get("previous_holders", []):
         lines.append(f"Before you, {before['holder']} held it for {before['held_seconds']}s ({before['why']}); "
                      "pick up from its partial work. Its last status:")
@@ -510,7 +513,8 @@ def t_lock_file(session, args):
         held = error["lock"]
         raise ToolRefusal(f"{held['path']} is locked by {held['holder']} since {when(held['since'])}; message them "
                           f"or work on another file. Their reason:\n"
-                          + fence((held["reason"] or "(none given)").splitlines(), new_nonce(), "reason"))
+                          + fence((held["reason"] or "(none given)").splitlines(), new_nonce(),
+                                  "reason" + flag_note(held, "reason")))
     if status != 200:
         raise ToolRefusal(error.get("message", f"the broker answered {status}"))
     return data, f"Locked {data['path']}" + (" (a new file: it does not exist yet)." if data.get("new_file") else ".")
@@ -536,8 +540,8 @@ def t_get_memory(session, args):
     lines = []
     for entry in data["entries"]:
         lines.append(f"Set by {entry['updated_by']} at {when(entry['updated_at'])}:")
-        lines.append(fence(entry["key"].splitlines(), nonce, "key"))
-        lines.append(fence(entry["value"].splitlines(), nonce, "value"))
+        lines.append(fence(entry["key"].splitlines(), nonce, "key" + flag_note(entry, "key")))
+        lines.append(fence(entry["value"].splitlines(), nonce, "value" + flag_note(entry, "value")))
     return data, "\n".join(lines)
 
 

@@ -12,6 +12,12 @@ def fence(lines: list, nonce: str, label: str = "") -> str:
     return f"<<<peer-text {nonce}{tag}\n{body}\npeer-text {nonce}>>>"
 
 
+def flag_note(view: dict, field: str) -> str:
+    """What the filter flagged in one peer-written field of a task, lock or memory entry, said as for a message."""
+    rule = (view.get("flagged") or {}).get(field)
+    return f", FLAGGED by the filter (rule {rule})" if rule else ""
+
+
 def when(timestamp: float) -> str:
     return time.strftime("%H:%M:%S", time.localtime(timestamp))
 

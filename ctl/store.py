@@ -20,7 +20,7 @@ from ctl import paths
 from ctl.names import name_skeleton, reads_as_authority
 from ctl.retention import Retention
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 SCHEMA = """
 CREATE TABLE rooms(
   id INTEGER PRIMARY KEY, key TEXT NOT NULL, name TEXT NOT NULL, root TEXT,
@@ -32,7 +32,7 @@ CREATE TABLE peers(
   id INTEGER PRIMARY KEY, room_id INTEGER NOT NULL, name TEXT NOT NULL, role TEXT NOT NULL,
   generation INTEGER NOT NULL, status TEXT NOT NULL, summary TEXT NOT NULL DEFAULT '', root TEXT,
   joined_at REAL NOT NULL, last_seen REAL NOT NULL, last_read REAL, reach TEXT NOT NULL DEFAULT 'tool',
-  agent TEXT, UNIQUE(room_id, name));
+  agent TEXT, flags TEXT, UNIQUE(room_id, name));
 CREATE TABLE messages(
   id INTEGER PRIMARY KEY, room_id INTEGER NOT NULL, sender TEXT NOT NULL, sender_role TEXT NOT NULL,
   origin TEXT NOT NULL, recipient TEXT NOT NULL, category TEXT NOT NULL, content TEXT NOT NULL,
@@ -47,7 +47,7 @@ CREATE TABLE tasks(
   room_id INTEGER NOT NULL, id INTEGER NOT NULL, title TEXT NOT NULL, description TEXT NOT NULL,
   status TEXT NOT NULL, created_by TEXT NOT NULL, created_at REAL NOT NULL, assignee_id INTEGER,
   claimed_at REAL, done_by TEXT, done_at REAL, summary TEXT, files TEXT, history TEXT NOT NULL DEFAULT '[]',
-  PRIMARY KEY(room_id, id));
+  flags TEXT, PRIMARY KEY(room_id, id));
 CREATE INDEX tasks_status ON tasks(room_id, status, id);
 CREATE INDEX tasks_assignee ON tasks(assignee_id) WHERE assignee_id IS NOT NULL;
 CREATE INDEX tasks_done ON tasks(room_id, done_at) WHERE status = 'done';
@@ -57,11 +57,11 @@ CREATE TABLE task_deps(
 CREATE INDEX task_deps_reverse ON task_deps(room_id, depends_on);
 CREATE TABLE locks(
   room_id INTEGER NOT NULL, path TEXT NOT NULL, display TEXT NOT NULL, holder_id INTEGER NOT NULL,
-  reason TEXT NOT NULL, acquired_at REAL NOT NULL, PRIMARY KEY(room_id, path));
+  reason TEXT NOT NULL, acquired_at REAL NOT NULL, flags TEXT, PRIMARY KEY(room_id, path));
 CREATE INDEX locks_holder ON locks(holder_id);
 CREATE TABLE memory(
   room_id INTEGER NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL, updated_by TEXT NOT NULL,
-  updated_at REAL NOT NULL, PRIMARY KEY(room_id, key));
+  updated_at REAL NOT NULL, flags TEXT, PRIMARY KEY(room_id, key));
 CREATE TABLE events(
   id INTEGER PRIMARY KEY, room_id INTEGER, at REAL NOT NULL, kind TEXT NOT NULL, actor TEXT NOT NULL,
   detail TEXT NOT NULL, count INTEGER NOT NULL DEFAULT 1);
@@ -90,17 +90,17 @@ def _migrate_v1(db) -> None:
                (f"root:{root}" if root else "name:default", name, root,
                 state_row[0] if state_row else "running", seat[0] if seat else None, time.time()))
     db.execute("INSERT INTO peers SELECT id, 1, name, role, generation, status, summary, root, joined_at, "
-               "last_seen, NULL, 'tool', NULL FROM v1_peers")
+               "last_seen, NULL, 'tool', NULL, NULL FROM v1_peers")
     db.execute("INSERT INTO messages SELECT id, 1, sender, sender_role, origin, recipient, category, content, "
                "created_at, NULL FROM v1_messages")
     db.execute("INSERT INTO deliveries SELECT d.id, d.peer_id, d.message_id, "
                "CASE WHEN d.acked THEN m.created_at END FROM v1_deliveries d "
                "LEFT JOIN v1_messages m ON m.id = d.message_id")
     db.execute("INSERT INTO tasks SELECT 1, id, title, description, status, created_by, created_at, assignee_id, "
-               "claimed_at, done_by, done_at, summary, files, '[]' FROM v1_tasks")
+               "claimed_at, done_by, done_at, summary, files, '[]', NULL FROM v1_tasks")
     db.execute("INSERT INTO task_deps SELECT 1, task_id, depends_on FROM v1_task_deps")
-    db.execute("INSERT INTO locks SELECT 1, path, display, holder_id, reason, acquired_at FROM v1_locks")
-    db.execute("INSERT INTO memory SELECT 1, key, value, updated_by, updated_at FROM v1_memory")
+    db.execute("INSERT INTO locks SELECT 1, path, display, holder_id, reason, acquired_at, NULL FROM v1_locks")
+    db.execute("INSERT INTO memory SELECT 1, key, value, updated_by, updated_at, NULL FROM v1_memory")
     db.execute("INSERT INTO events SELECT id, 1, at, kind, actor, detail, 1 FROM v1_events")
     for table in ("peers", "messages", "deliveries", "tasks", "task_deps", "locks", "memory", "events", "room"):
         db.execute(f"DROP TABLE v1_{table}")
@@ -124,7 +124,15 @@ def _migrate_v3(db) -> None:
         db.execute("ALTER TABLE rooms ADD COLUMN wake TEXT NOT NULL DEFAULT 'on'")
 
 
-MIGRATIONS = {1: _migrate_v1, 2: _migrate_v2, 3: _migrate_v3}   # from version N to N+1; a v1 database has user_version 0 and a `room` table
+def _migrate_v4(db) -> None:
+    """v5: what the content filter flagged in a task's, a lock's, a memory entry's or a peer's own text, so
+    whoever reads it later sees the mark, as with a message."""
+    for table in ("peers", "tasks", "locks", "memory"):
+        if "flags" not in {r[1] for r in db.execute(f"PRAGMA table_info({table})")}:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN flags TEXT")
+
+
+MIGRATIONS = {1: _migrate_v1, 2: _migrate_v2, 3: _migrate_v3, 4: _migrate_v4}   # from version N to N+1; a v1 database has user_version 0 and a `room` table
 
 
 class _Script:
@@ -180,6 +188,21 @@ def open_database(path: str) -> sqlite3.Connection:
         db.close()
         raise
     return db
+
+
+def flags_json(flagged, fields, kept=None):
+    """The filter's flags on these fields, as stored (`{field: rule}` in JSON, None for none), over the ones a
+    row already `kept` for its other fields."""
+    marks = {k: v for k, v in json.loads(kept).items() if k not in fields} if kept else {}
+    marks.update((field, rule) for field, rule in flagged or () if field in fields)
+    return json.dumps(marks, sort_keys=True) if marks else None
+
+
+def with_flags(view: dict, row) -> dict:
+    """A row's view, with `flagged` ({field: rule}) when the filter flagged any of its text."""
+    if row["flags"]:
+        view["flagged"] = json.loads(row["flags"])
+    return view
 
 
 def room_name_for(root: str) -> str:
@@ -266,7 +289,7 @@ def _stopped():
 
 
 OPEN_STATUSES = tuple(s for s in TASK_STATUSES if s != "done")
-TASK_VIEW_COLUMNS = "id, title, description, status, assignee_id, done_by, summary, files, history"
+TASK_VIEW_COLUMNS = "id, title, description, status, assignee_id, done_by, summary, files, history, flags"
 # A page of one status. The status is spelled out, not bound: a bound value compared with a column that a
 # partial index (tasks_done) tests makes SQLite prepare the statement anew on every run, about 15 µs each.
 TASK_PAGE_SQL = {s: f"SELECT {TASK_VIEW_COLUMNS} FROM tasks WHERE room_id=? AND status='{s}' AND id>? "
@@ -288,7 +311,7 @@ class Store:
         self._load_rooms()
         self.limiter = RateLimiter(settings.rate_limit)
         self.join_limiter = RateLimiter(settings.join_rate, "joins")
-        self.room_limiter = RateLimiter(LIMITS["rooms_per_minute"], "new rooms")
+        self.room_limiter = RateLimiter(settings.room_rate, "new rooms")
         self.version = int(time.time() * 1000)   # bumps on every change the dashboard draws
         self.woken = set()                      # peer ids whose waiting reads should be retried
         self.unfolded = False                   # commits since the last checkpoint
@@ -626,12 +649,13 @@ class Store:
             self._vacate_seat(peer)
             self._event(peer["room_id"], now, "left", peer["name"], "claims and locks released")
 
-    def heartbeat(self, peer, summary, reach, now: float) -> dict:
+    def heartbeat(self, peer, summary, reach, now: float, flagged=()) -> dict:
         """Keeps the lease; in a stopped room the summary stays as it was (a stop freezes every agent change)."""
         with self.tx():
             self._touch(peer, now)
             if summary is not None and self.room_state(peer["room_id"]) != "stopped":
-                self.db.execute("UPDATE peers SET summary=? WHERE id=?", (summary, peer["id"]))
+                self.db.execute("UPDATE peers SET summary=?, flags=? WHERE id=?",
+                                (summary, flags_json(flagged, ("summary",)), peer["id"]))
                 self._changed()
             if reach is not None:
                 self.note_reach(peer, reach)
@@ -676,9 +700,9 @@ class Store:
             state = "stale"
         else:
             state = "alive"
-        return {"name": peer["name"], "role": peer["role"], "state": state, "summary": peer["summary"],
-                "last_seen": round(peer["last_seen"], 3), "reach": peer["reach"],
-                "last_read": round(peer["last_read"], 3) if peer["last_read"] else None}
+        return with_flags({"name": peer["name"], "role": peer["role"], "state": state, "summary": peer["summary"],
+                           "last_seen": round(peer["last_seen"], 3), "reach": peer["reach"],
+                           "last_read": round(peer["last_read"], 3) if peer["last_read"] else None}, peer)
 
     def list_peers(self, room_id: int, now: float) -> list:
         rows = self.db.execute("SELECT * FROM peers WHERE room_id=? AND status='active' AND last_seen>=? ORDER BY id",
@@ -846,8 +870,8 @@ class Store:
         views = []
         for row in rows:
             edges_of = deps.get(row["id"], [])
-            view = {"id": row["id"], "title": row["title"], "status": row["status"],
-                    "depends_on": [d for d, _ in edges_of]}
+            view = with_flags({"id": row["id"], "title": row["title"], "status": row["status"],
+                               "depends_on": [d for d, _ in edges_of]}, row)
             if row["description"]:
                 view["description"] = row["description"]
             if row["status"] == "blocked":
@@ -885,7 +909,8 @@ class Store:
     def _status_from_deps(self, room_id: int, task_id: int) -> str:
         return "blocked" if self._waiting_on(room_id, task_id) else "ready"
 
-    def create_task(self, actor: Actor, title: str, description: str, depends_on: list, now: float) -> dict:
+    def create_task(self, actor: Actor, title: str, description: str, depends_on: list, now: float,
+                    flagged=()) -> dict:
         room_id = actor.room_id
         with self.tx():
             self._open_room(room_id)
@@ -894,8 +919,9 @@ class Store:
                 raise ApiError(507, "too_many_tasks", f"a room holds at most {LIMITS['tasks']} tasks")
             self._check_deps_exist(room_id, depends_on)
             task_id = top + 1
-            self.db.execute("INSERT INTO tasks(room_id, id, title, description, status, created_by, created_at) "
-                            "VALUES(?,?,?,?,'blocked',?,?)", (room_id, task_id, title, description, actor.name, now))
+            self.db.execute("INSERT INTO tasks(room_id, id, title, description, status, created_by, created_at, flags) "
+                            "VALUES(?,?,?,?,'blocked',?,?,?)", (room_id, task_id, title, description, actor.name, now,
+                                                               flags_json(flagged, ("title", "description"))))
             self.db.executemany("INSERT INTO task_deps VALUES(?,?,?)", [(room_id, task_id, d) for d in depends_on])
             self.db.execute("UPDATE tasks SET status=? WHERE room_id=? AND id=?",
                             (self._status_from_deps(room_id, task_id), room_id, task_id))
@@ -914,7 +940,7 @@ class Store:
                 stack.extend(self._deps(room_id, node))
         return False
 
-    def update_task(self, actor: Actor, task_id: int, fields: dict, now: float) -> dict:
+    def update_task(self, actor: Actor, task_id: int, fields: dict, now: float, flagged=()) -> dict:
         room_id = actor.room_id
         with self.tx():
             self._open_room(room_id)
@@ -937,6 +963,10 @@ class Store:
                 if column in fields:
                     self.db.execute(f"UPDATE tasks SET {column}=? WHERE room_id=? AND id=?",
                                     (fields[column], room_id, task_id))
+            texts = tuple(column for column in ("title", "description") if column in fields)
+            if texts:
+                self.db.execute("UPDATE tasks SET flags=? WHERE room_id=? AND id=?",
+                                (flags_json(flagged, texts, task["flags"]), room_id, task_id))
             self._changed()
             return self._task_view(room_id, task_id)
 
@@ -1026,7 +1056,7 @@ class Store:
         elif task["status"] == "done":
             raise ApiError(409, "task_not_ready", self._why_not_ready(task))
 
-    def complete(self, actor: Actor, task_id: int, summary: str, files: list, now: float) -> dict:
+    def complete(self, actor: Actor, task_id: int, summary: str, files: list, now: float, flagged=()) -> dict:
         room_id = actor.room_id
         with self.tx():
             self._reap(now)
@@ -1035,9 +1065,10 @@ class Store:
             if actor.kind == "peer":
                 self._touch(actor.peer, now)
             self._refuse_completion(actor, task)
-            self.db.execute("UPDATE tasks SET status='done', done_by=?, done_at=?, summary=?, files=?, "
+            self.db.execute("UPDATE tasks SET status='done', done_by=?, done_at=?, summary=?, files=?, flags=?, "
                             "assignee_id=NULL WHERE room_id=? AND id=?",
-                            (actor.name, now, summary, json.dumps(files), room_id, task_id))
+                            (actor.name, now, summary, json.dumps(files),
+                             flags_json(flagged, ("summary", "files"), task["flags"]), room_id, task_id))
             unblocked, still_blocked = [], []
             for (dependent,) in self.db.execute("SELECT task_id FROM task_deps WHERE room_id=? AND depends_on=?",
                                                 (room_id, task_id)).fetchall():
@@ -1081,8 +1112,8 @@ class Store:
         `path` is the comparison key (paths.name_key)."""
         holder = self.peer_by_id(row["holder_id"])
         spelled = os.path.join(holder["root"], row["display"]) if holder and holder["root"] else row["path"]
-        return {"path": row["display"], "abs_path": spelled, "holder": holder["name"] if holder else None,
-                "reason": row["reason"], "since": round(row["acquired_at"], 3)}
+        return with_flags({"path": row["display"], "abs_path": spelled, "holder": holder["name"] if holder else None,
+                           "reason": row["reason"], "since": round(row["acquired_at"], 3)}, row)
 
     def _lock_row(self, room_id: int, key: str):
         return self.db.execute("SELECT * FROM locks WHERE room_id=? AND path=?", (room_id, key)).fetchone()
@@ -1099,7 +1130,7 @@ class Store:
                 return row
         return None
 
-    def lock(self, peer, path: str, reason: str, now: float) -> dict:
+    def lock(self, peer, path: str, reason: str, now: float, flagged=()) -> dict:
         room_id = peer["room_id"]
         with self.tx():
             self._reap(now)
@@ -1119,12 +1150,13 @@ class Store:
             if existing is None:
                 self._refuse_more_locks(room_id, peer["id"], len(real.encode("utf-8", "surrogatepass")))
             editing = reason.startswith("auto: ")     # the edit hook's lock: its holder is writing the file now
-            if existing is not None and editing:
-                reason = existing["reason"]         # an edit never turns a lock taken on purpose into an automatic one
+            flags = flags_json(flagged, ("path", "reason"))
+            if existing is not None and editing:    # an edit never turns a lock taken on purpose into an automatic one
+                reason, flags = existing["reason"], existing["flags"]
             display = existing["display"] if existing else os.path.relpath(real, os.path.realpath(peer["root"]))
-            self.db.execute("INSERT OR REPLACE INTO locks(room_id, path, display, holder_id, reason, acquired_at) "
-                            "VALUES(?,?,?,?,?,?)", (room_id, key, display, peer["id"], reason,
-                                                    existing["acquired_at"] if existing else now))
+            self.db.execute("INSERT OR REPLACE INTO locks(room_id, path, display, holder_id, reason, acquired_at, flags) "
+                            "VALUES(?,?,?,?,?,?,?)", (room_id, key, display, peer["id"], reason,
+                                                      existing["acquired_at"] if existing else now, flags))
             if editing:
                 if len(self.lock_touched) > 4096:
                     self.lock_touched.clear()
@@ -1208,7 +1240,7 @@ class Store:
 
     # -- memory
 
-    def set_memory(self, actor: Actor, key: str, value: str, now: float) -> dict:
+    def set_memory(self, actor: Actor, key: str, value: str, now: float, flagged=()) -> dict:
         room_id = actor.room_id
         with self.tx():
             self._open_room(room_id)
@@ -1217,8 +1249,9 @@ class Store:
                                               (room_id,)).fetchone()[0] >= LIMITS["memory_keys"]:
                 raise ApiError(507, "memory_full",
                                f"shared memory holds at most {LIMITS['memory_keys']} keys; overwrite an existing key")
-            self.db.execute("INSERT OR REPLACE INTO memory(room_id, key, value, updated_by, updated_at) "
-                            "VALUES(?,?,?,?,?)", (room_id, key, value, actor.name, now))
+            self.db.execute("INSERT OR REPLACE INTO memory(room_id, key, value, updated_by, updated_at, flags) "
+                            "VALUES(?,?,?,?,?,?)", (room_id, key, value, actor.name, now,
+                                                    flags_json(flagged, ("key", "value"))))
             self._changed()
         return {"key": key, "bytes": len(value.encode())}
 
@@ -1232,8 +1265,8 @@ class Store:
             rows = [row]
         else:
             rows = self.db.execute("SELECT * FROM memory WHERE room_id=? ORDER BY key", (room_id,)).fetchall()
-        return {"entries": [{"key": r["key"], "value": r["value"], "updated_by": r["updated_by"],
-                             "updated_at": round(r["updated_at"], 3)} for r in rows]}
+        return {"entries": [with_flags({"key": r["key"], "value": r["value"], "updated_by": r["updated_by"],
+                                        "updated_at": round(r["updated_at"], 3)}, r) for r in rows]}
 
     # -- operator
 

@@ -264,7 +264,28 @@ class MigrationTest(unittest.TestCase):
             db.close()
             db = store.open_database(path)
             self.assertEqual(db.execute("SELECT wake FROM rooms").fetchall()[0][0], "on")
-            self.assertEqual(db.execute("PRAGMA user_version").fetchone()[0], 4)
+            self.assertEqual(db.execute("PRAGMA user_version").fetchone()[0], store.SCHEMA_VERSION)
+            db.close()
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def test_a_v4_database_keeps_its_rows_and_gains_the_filters_marks(self):
+        folder = tempfile.mkdtemp(prefix="ctl-v4-")
+        path = os.path.join(folder, "broker.db")
+        try:
+            db = store.open_database(path)
+            db.execute("INSERT INTO rooms(id, key, name, created_at) VALUES(1, 'name:r', 'r', 0)")
+            db.execute("INSERT INTO tasks(room_id, id, title, description, status, created_by, created_at) "
+                       "VALUES(1, 1, 'kept', '', 'ready', 'lead', 0)")
+            for table in ("peers", "tasks", "locks", "memory"):
+                db.execute(f"ALTER TABLE {table} DROP COLUMN flags")
+            db.execute("PRAGMA user_version=4")
+            db.close()
+            db = store.open_database(path)
+            self.assertEqual(db.execute("SELECT title, flags FROM tasks").fetchall()[0][:], ("kept", None))
+            for table in ("peers", "tasks", "locks", "memory"):
+                self.assertIn("flags", [r[1] for r in db.execute(f"PRAGMA table_info({table})")], table)
+            self.assertEqual(db.execute("PRAGMA user_version").fetchone()[0], 5)
             db.close()
         finally:
             shutil.rmtree(folder, ignore_errors=True)
