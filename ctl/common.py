@@ -59,7 +59,7 @@ def resolve_state_dir(state_arg=None) -> str:
     return os.path.abspath(os.path.expanduser(raw))
 
 
-def _refuse_unsafe(path: str, st: os.stat_result, is_kind, kind: str, mode: str) -> None:
+def refuse_unsafe(path: str, st: os.stat_result, is_kind, kind: str, mode: str) -> None:
     """A link, the wrong kind, another owner or loose permissions: refuse, saying how to fix it."""
     if stat.S_ISLNK(st.st_mode):
         raise StateError(f"{path} is a symlink; replace it with a real {kind}")
@@ -84,7 +84,7 @@ def ensure_state_dir(path: str, create: bool = True) -> str:
         except FileExistsError:
             pass
         st = os.lstat(path)
-    _refuse_unsafe(path, st, stat.S_ISDIR, "directory", "700")
+    refuse_unsafe(path, st, stat.S_ISDIR, "directory", "700")
     return path
 
 
@@ -94,7 +94,7 @@ def check_private_file(path: str) -> bool:
         st = os.lstat(path)
     except FileNotFoundError:
         return False
-    _refuse_unsafe(path, st, stat.S_ISREG, "file", "600")
+    refuse_unsafe(path, st, stat.S_ISREG, "file", "600")
     return True
 
 

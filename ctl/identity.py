@@ -8,9 +8,10 @@
 - The watcher's narrow credential (read and acknowledge one inbox) is a 0600 ticket per room and name.
 """
 import os
+import stat
 
 from ctl import lightjson
-from ctl.common import StateError, check_private_file, sha256
+from ctl.common import StateError, check_private_file, refuse_unsafe, sha256
 
 NAME_CHARACTERS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
 RUN = object()          # a run of characters a name may not hold, in default_name
@@ -76,7 +77,9 @@ def ancestors(pid: int, depth: int = 12):
 
 
 def private_dirs(folder: str) -> None:
-    """Create `folder` and every missing parent 0700 (os.makedirs gives the mode to the last one only)."""
+    """Create `folder` and every missing parent 0700 (os.makedirs gives the mode to the last one only), then
+    refuse it, or its parent, if a link, another owner or loose permissions make it unsafe: a `sessions/`
+    replaced by a link elsewhere must not receive the session's token."""
     missing = []
     while folder and not os.path.isdir(folder):
         missing.append(folder)
@@ -86,6 +89,9 @@ def private_dirs(folder: str) -> None:
             os.mkdir(each, 0o700)
         except FileExistsError:
             pass
+    target = missing[0] if missing else folder
+    for each in (target, os.path.dirname(target)):
+        refuse_unsafe(each, os.lstat(each), stat.S_ISDIR, "directory", "700")
 
 
 def write_private(path: str, data: dict) -> None:

@@ -2,6 +2,7 @@
 Each test here fails on the code before this change (see the issue that asked for it)."""
 import json
 import os
+import shutil
 import socket
 import sqlite3
 import stat
@@ -194,6 +195,22 @@ class StallTest(unittest.TestCase):
                 locker.wait()
                 locker.stdout.close()
             broker.cleanup()
+
+
+class StatePathTest(unittest.TestCase):
+    def test_a_state_folder_replaced_by_a_link_receives_nothing(self):
+        from ctl import identity
+        from ctl.common import StateError
+        state, elsewhere = tempfile.mkdtemp(), tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, state, ignore_errors=True)
+        self.addCleanup(shutil.rmtree, elsewhere, ignore_errors=True)
+        os.symlink(elsewhere, os.path.join(state, "sessions"))
+        with self.assertRaisesRegex(StateError, "sessions is a symlink"):
+            identity.write_private(os.path.join(state, "sessions", "1.json"), {"token": "secret"})
+        self.assertEqual(os.listdir(elsewhere), [], "no token lands where the link points")
+        identity.write_private(os.path.join(state, "watch", "room", "a.json"), {"token": "t"})
+        for folder in ("watch", os.path.join("watch", "room")):
+            self.assertEqual(stat.S_IMODE(os.stat(os.path.join(state, folder)).st_mode), 0o700, folder)
 
 
 class GrowthTest(unittest.TestCase):
