@@ -131,6 +131,8 @@ def parse_head(head: bytes) -> ParsedHead:
     if length > MAX_BODY_BYTES:
         raise ApiError(413, "body_too_large", f"body exceeds {MAX_BODY_BYTES} bytes")
     return ParsedHead(method, target, version, headers, len(head), length)
+
+
 TO_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n" for s in HTTPStatus}
 SAME_ON_EVERY_ANSWER = ("Cache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\nReferrer-Policy: no-referrer\r\n"
