@@ -198,7 +198,8 @@ class Route:
     mutates: bool = False     # an agent change: refused while the room is stopped
     scoped: bool = True       # acts on one room: a peer's own, or the one an operator or observer names
     lossy: bool = False       # a POST whose writes are safe to lose (acks, heartbeats): its commit skips the fsync
-    precheck: object = None   # precheck(broker, actor, params): refusals cheaper than the content filter, run first
+    precheck: object = None   # precheck(broker, actor, params): refusals cheaper than the content filter, run
+                              # first; what it returns is params["checked"] for the handler
 
 
 PEER = frozenset({"peer"})
@@ -263,7 +264,7 @@ def r_peers(broker, actor, q):
 
 def r_send(broker, actor, b):
     flag = next((rule for field, rule in b["flagged"] if field == "content"), None)
-    return broker.store.send(actor, b["to"], b["content"], b["category"], flag, time.time())
+    return broker.store.send(actor, b["to"], b["content"], b["category"], flag, time.time(), b.get("checked"))
 
 
 def r_inbox(broker, actor, q):
@@ -330,7 +331,7 @@ def r_complete(broker, actor, b):
 
 
 def p_send(broker, actor, b):
-    broker.store.check_send(actor, b["to"], time.time())
+    return broker.store.check_send(actor, b["to"], time.time())
 
 
 def p_complete(broker, actor, b):

@@ -319,8 +319,8 @@ class Broker:
                 data = parse_query(req.query)
             self.authorize(req, route, actor, data)
             params = validate(route.schema, data)
-            if route.precheck is not None:
-                route.precheck(self, actor, params)
+            if route.precheck is not None:              # what it found, the handler may reuse
+                params["checked"] = route.precheck(self, actor, params)
             params["flagged"] = flags = screen_fields(route.schema, params, self.own_secrets)
             for field, rule in flags:
                 if field != "content":

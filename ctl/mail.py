@@ -14,7 +14,8 @@ if TYPE_CHECKING:                       # the annotations only: Actor lives in c
 class Mail:
     """The mail rules of Store; they share its database, transactions and rooms."""
 
-    def send(self, actor: Actor, to: str, content: str, category: str, flag, now: float) -> dict:
+    def send(self, actor: Actor, to: str, content: str, category: str, flag, now: float, checked=None) -> dict:
+        """`checked`: the recipients check_send found a moment ago, in the same request (nothing ran between)."""
         room_id = actor.room_id
         with self.tx():                             # recipients are checked alive one by one: no sweep needed
             self._open_room(room_id)
@@ -22,7 +23,7 @@ class Mail:
             sender_id = actor.peer["id"] if actor.peer is not None else None
             if sender_id is not None:
                 self._touch(actor.peer, now)
-            recipients = self._recipients(room_id, to, sender_id, now)
+            recipients = list(checked) if checked is not None else self._recipients(room_id, to, sender_id, now)
             architect = self._architect(room_id, now) if category == "blocker" else None
             if category == "blocker" and architect is not None and architect["id"] != sender_id \
                     and all(r["id"] != architect["id"] for r in recipients):
@@ -54,12 +55,14 @@ class Mail:
             result["flagged"] = flag
         return result
 
-    def check_send(self, actor: Actor, to: str, now: float) -> None:
-        """What a send is refused for before its text is screened: no such recipient, the rate limit."""
+    def check_send(self, actor: Actor, to: str, now: float) -> list:
+        """What a send is refused for before its text is screened: no such recipient, the rate limit. Returns
+        the recipients, for the send."""
         sender_id = actor.peer["id"] if actor.peer is not None else None
         recipients = self._recipients(actor.room_id, to, sender_id, now)
         if actor.kind == "peer":
             self.limiter.check(sender_id, max(1, len(recipients)), now)
+        return recipients
 
     def _recipients(self, room_id: int, to: str, sender_id, now: float) -> list:
         """`*` is every live peer of this room; `architect` whoever holds its seat; else a peer by name."""

@@ -100,6 +100,18 @@ class _Squeezed:
         return self.pattern.search(self.DROP.sub("", text)) is not None
 
 
+class _Triggered:
+    """A pattern that can match only where one of its leading words occurs: the words are looked for first,
+    with str `in` (a fast scan), and the pattern runs only when one is there. Most honest text holds none."""
+
+    def __init__(self, words: tuple, pattern):
+        self.words = tuple(_folded(w) for w in words)
+        self.pattern = re.compile(pattern) if isinstance(pattern, str) else pattern     # a regex or a rule
+
+    def search(self, text: str) -> bool:
+        return any(word in text for word in self.words) and bool(self.pattern.search(text))
+
+
 def _folded(pattern: str) -> str:
     """A pattern in other scripts, spelled as the detection copy spells it (Cyrillic look-alikes folded)."""
     return pattern.translate(_LOOKALIKES)
@@ -118,10 +130,11 @@ REFUSE_RULES = {
         r"end_header_id|system|user|assistant) ?\|>|\[/?inst\]|<< ?/? ?sys ?>>"),
     "system-tag": re.compile(r"< ?/? ?(?:system[-_ ]?(?:reminder|prompt|message|instructions?)|"
                              r"developer[-_ ]?(?:message|prompt|instructions?))(?: [^>]{0,200})? ?>"),
-    "data-uri-script": re.compile(r"\bdata ?: ?(?:text/html|application/xhtml\+xml|(?:text|application)/"
+    "data-uri-script": _Triggered(("data",), r"\bdata ?: ?(?:text/html|application/xhtml\+xml|(?:text|application)/"
                                   r"(?:x-)?(?:java|ecma|vb)script|application/x-(?:sh|msdownload|executable)|"
                                   r"application/wasm)\b"),
-    "svg-script": _Near(r"\bdata ?: ?image/svg\+xml", r"\bon[a-z]{3,30} ?=|< ?script\b|javascript ?:", 4000, False),
+    "svg-script": _Triggered(("svg",), _Near(r"\bdata ?: ?image/svg\+xml",
+                                             r"\bon[a-z]{3,30} ?=|< ?script\b|javascript ?:", 4000, False)),
 }
 
 
@@ -145,7 +158,11 @@ _OVERRIDES_ELSEWHERE = _folded(
     r"(?:指令|指示|说明|說明|提示|规则|規則|命令|要求|设定|設定)"
     r"|(?:以前|これまで|上記|前|全て|すべて)の(?:指示|命令|ルール|プロンプト|設定)を(?:すべて|全て)?(?:無視|忘れ)")
 FLAG_RULES = {
-    "instruction-override": re.compile(
+    "instruction-override": _Triggered(
+        ("ignor", "disregard", "forget", "override", "bypass", "new instruction", "you are now", "reveal",
+         "vergiss", "vergess", "missachte", "übergeh", "oublie", "ne tenez pas compte", "ne tiens pas compte",
+         "olvida", "olvide", "omite", "игнорируй", "забудь", "忽略", "无视", "無視", "忽视", "忽視", "忘记", "忘記",
+         "忘掉", "不要理会", "不要理會", "跳过", "跳過", "忘れ"),
         r"\b(?:ignore|disregard|forget|override|bypass)\b[^.\n]{0,40}?\b(?:previous|prior|above|earlier|preceding|"
         rf"all|your|any|system|original|initial)\b[^.\n]{{0,20}}?\b{_OVERRIDE_NOUNS}\b"
         r"|\bnew instructions? (?:from|by) (?:the )?(?:human|operator|system|user|admin|developer)"
@@ -157,7 +174,11 @@ FLAG_RULES = {
         r"(?:ignore|disregard|forget|override|bypass)(?:the|of|these|those|every){0,2}"
         r"(?:previous|prior|above|earlier|preceding|all|any|your|system|original){1,2}(?:the|of|my)?"
         r"(?:instructions?|prompts?|rules|guidelines|guidance|directions|directives)"),
-    "role-play": _AnyOf(
+    "role-play": _Triggered(
+        ("act as", "act like", "behave as", "behave like", "respond as", "respond like", "answer as", "answer like",
+         "pretend ", "roleplay ", "role-play ", "from now on", "you are no longer", "in character", "play a ",
+         "developer mode", "do anything now", "du bist jetzt", "ab jetzt bist du", "tu es maintenant", "ahora eres",
+         "теперь ты", "从现在", "從現在"), _AnyOf(
         _Near(r"\b(?:act|behave|respond|answer) (?:as|like)\b",
               r"[^.\n]{0,60}?\b(?:operator|system|admin|administrator|root|developer|human|architect|dan|an? ai|"
               r"an? assistant|a model|character|persona|unrestricted|unfiltered|jailbroken|evil|uncensored)\b",
@@ -168,12 +189,13 @@ FLAG_RULES = {
                    r"|(?:stay|remain) in character\b|let'?s play a (?:game|role)\b|developer mode\b|do anything now\b"
                    r"|du bist jetzt\b|ab jetzt bist du\b|tu es maintenant\b|ahora eres\b"
                    + _folded(r"|теперь ты\b)"
-                             r"|从现在(?:开始|起)[，, ]?你(?:是|将是|就是|扮演)|從現在(?:開始|起)[，, ]?你(?:是|將是|就是|扮演)"))),
-    "role-marker": re.compile(rf"(?:^|\n|[.!?] )(?:human|assistant) ?:{_YAML_VALUE}"),
-    "provenance-imitation": re.compile(r"(?:^|\n) ?\[ ?(?:operator|system|admin|human|broker|architect) ?\]"
+                             r"|从现在(?:开始|起)[，, ]?你(?:是|将是|就是|扮演)|從現在(?:開始|起)[，, ]?你(?:是|將是|就是|扮演)")))),
+    "role-marker": _Triggered(("human", "assistant"), rf"(?:^|\n|[.!?] )(?:human|assistant) ?:{_YAML_VALUE}"),
+    "provenance-imitation": _Triggered(("[", "from"),
+                                       r"(?:^|\n) ?\[ ?(?:operator|system|admin|human|broker|architect) ?\]"
                                        r"|(?:^|\n) ?from ?: ?(?:architect|operator|system|human|broker)\b"),
     "system-tag-bare": re.compile(r"< ?/? ?(?:system|developer)(?: [^>]{0,200})? ?>"),
-    "remote-image": _AnyOf(
+    "remote-image": _Triggered(("![", "<", "srcset", "url"), _AnyOf(
         _Near(r"!\[", r"[^\]\n]{0,500}\] ?\( ?<? ?(?:[a-z][a-z0-9+.-]{0,20}:)?//", 600),
         _Near(r"< ?(?:img|image|source|video|audio|input|iframe|embed|object|track|body|table|td)\b",
               r"[^>]{0,500}\b(?:src|href|poster|data|background|lowsrc|dynsrc) ?= ?[\"']? ?(?:[a-z]{1,10}:)?//", 600),
@@ -181,7 +203,7 @@ FLAG_RULES = {
         re.compile(r"\burl ?\( ?[\"']? ?(?:https?:)?//"
                    # a reference-style image, ![s][s] or ![s], whose definition [s]: points off the machine
                    r"|\A(?=[\s\S]*?!\[)(?=[\s\S]*?(?:^|\n) {0,3}\[[^\]\n]{1,500}\] ?: ?<? ?"
-                   r"(?:[a-z][a-z0-9+.-]{0,20}:)?//)")),
+                   r"(?:[a-z][a-z0-9+.-]{0,20}:)?//)"))),
     "hidden-comment": _CommentsSaying(
         r"\b(?:ignore|disregard|instructions?|prompts?|assistant|agents?|ai|llm|model|claude|codex|gemini|you|your|"
         r"system|operator|secrets?|tokens?|passwords?|do not (?:tell|mention|reveal))\b"),

@@ -125,6 +125,21 @@ class FilterShapesTest(unittest.TestCase):
                 self.assertNotEqual(outcome(text), "pass", f"{kind}: {text[:60]!r}")
 
 
+    def test_a_triggered_rule_decides_as_its_whole_pattern(self):
+        """A rule that runs its pattern only where one of its leading words occurs (_Triggered) must decide every
+        text of the corpora as the pattern alone does: a branch added without its word fails here."""
+        triggered = {name: rule for name, rule in {**textfilter.REFUSE_RULES, **textfilter.FLAG_RULES}.items()
+                     if isinstance(rule, textfilter._Triggered)}
+        self.assertTrue(triggered)
+        texts = [*corpus.BENIGN, *corpus.ATTACKS, *corpus.AMBIGUOUS,
+                 *(text for texts in corpus._ONCE_UNMARKED.values() for text in texts)]
+        for name, rule in triggered.items():
+            for text in texts:
+                text = text if isinstance(text, str) else text[0]
+                seen = textfilter.detection_copy(text)
+                self.assertEqual(rule.search(seen), bool(rule.pattern.search(seen)), f"{name}: {text[:60]!r}")
+
+
 class FilterTimeTest(unittest.TestCase):
     def test_every_pattern_is_linear_on_adversarial_input(self):
         for shape, make in ADVERSARIAL.items():
