@@ -24,24 +24,25 @@ def _not_serializable(value):
     raise TypeError(f"a {type(value).__name__} is not JSON serializable")
 
 
-def _c_loads(text):
-    if isinstance(text, (bytes, bytearray)):
-        text = text.decode("utf-8")
+def _c_loads(given):
     try:
+        text = given.decode("utf-8") if isinstance(given, (bytes, bytearray)) else given
         value, end = _scan(text, len(text) - len(text.lstrip(WHITESPACE)))
         if not text[end:].strip(WHITESPACE):
             return value
-    except (StopIteration, SystemError):    # the C scanner reports a syntax error through json.decoder, if loaded
-        pass
-    import json                             # not JSON: the json package says precisely why
-    return json.loads(text)
+    except (StopIteration, SystemError, UnicodeDecodeError):    # the C scanner reports a syntax error through
+        pass                                                    # json.decoder, if loaded
+    import json             # anything else (not JSON, a BOM, UTF-16): the json package decides, as it would have
+    return json.loads(given)
 
 
 def _c_dumps(value, ensure_ascii: bool = True, sort_keys: bool = False) -> str:
+    """No check for cycles (json's check_circular=False): the encoders are shared by threads and calls, and
+    what we write has none (a cycle would end in RecursionError)."""
     key = (ensure_ascii, sort_keys)
     encode = _encoders.get(key)
     if encode is None:
-        encode = _encoders[key] = make_encoder({}, _not_serializable, encode_basestring_ascii if ensure_ascii
+        encode = _encoders[key] = make_encoder(None, _not_serializable, encode_basestring_ascii if ensure_ascii
                                                else encode_basestring, None, ":", ",", sort_keys, False, True)
     return "".join(encode(value, 0))
 
