@@ -239,7 +239,7 @@ def r_join(broker, actor, b):
     key = f"name:{b['room']}" if b["room"] else f"root:{b['root']}"
     name = b["room"] or room_name_for(b["root"])
     peer = broker.store.join(b["name"], b["role"], b["summary"], b["root"], key, name,
-                             broker.join_caller(b["resume"], b["agent"]), now)
+                             broker.join_caller(b["resume"], b["agent"]), now, b["flagged"])
     return {"token": broker.mint(peer, "session"), "watch_token": broker.mint(peer, "watch"),
             "name": peer["name"], "role": peer["role"], "lease_seconds": broker.settings.lease_seconds,
             "room": broker.store.room_state(peer["room_id"]), "room_name": broker.store.room(peer["room_id"])["name"],

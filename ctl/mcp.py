@@ -188,13 +188,13 @@ class Session:
                     pass
 
     def close(self) -> None:
-        """At exit: leave, and take down what told the hooks about this session and what they kept for it."""
+        """At exit: leave, and take down what told the hooks about this session and what they kept for it (the
+        waiter's .wait stays: a waiter may still hold its lock)."""
+        memo = identity.binding_path(self.state_dir, os.getppid())[:-len(".json")] + ".memo.json"
         self.leave()
-        for path in (self.binding, self.join_socket):
+        for path in (self.binding, self.join_socket, memo):
             if path:
                 identity.remove_quietly(path)
-        if self.binding:                    # the waiter's .wait stays: a waiter may still hold its lock
-            identity.remove_quietly(self.binding[:-len(".json")] + ".memo.json")
 
     def _join_request(self, body: dict):
         for attempt in (1, 2):
@@ -854,7 +854,7 @@ class Server:
                 status, batch = session.call("GET", "/inbox?wait=25&limit=20", timeout=40)
             except ToolRefusal as refusal:
                 log(f"push: {refusal}")
-                if session.kicked:
+                if session.ended:
                     return
                 session.stopping.wait(2)
                 continue

@@ -507,7 +507,8 @@ class Store(Mail, Tasks, Locks, Memory):
         if peer["status"] != "active":
             self._changed()
 
-    def join(self, name: str, role, summary: str, root, room_key: str, room_name: str, caller, now: float):
+    def join(self, name: str, role, summary: str, root, room_key: str, room_name: str, caller, now: float,
+             flagged=()):
         """Join (or rejoin) the room `room_key` names. Without a role, a resumed session keeps the one it holds."""
         with self.tx():
             self._reap(now)
@@ -545,16 +546,17 @@ class Store(Mail, Tasks, Locks, Memory):
                 self.join_limiter.spend(room_id, 1, now)
             role = self._seat_role(room, row if resumed else None, role or (row["role"] if resumed else None)
                                    or "worker")
+            flags = flags_json(flagged, ("summary",))      # a new summary, its own mark or none
             if row is None:
                 peer_id = self.db.execute(
                     "INSERT INTO peers(room_id, name, role, generation, status, summary, root, joined_at, last_seen, "
-                    "agent) VALUES(?,?,?,1,'active',?,?,?,?,?)",
-                    (room_id, name, role, summary, root, now, now, caller.agent)).lastrowid
+                    "agent, flags) VALUES(?,?,?,1,'active',?,?,?,?,?,?)",
+                    (room_id, name, role, summary, root, now, now, caller.agent, flags)).lastrowid
             else:
                 peer_id = row["id"]
                 self.db.execute("UPDATE peers SET role=?, generation=generation+1, status='active', summary=?, "
-                                "root=COALESCE(?, root), joined_at=?, last_seen=?, agent=COALESCE(?, agent) WHERE id=?",
-                                (role, summary, root, now, now, caller.agent, peer_id))
+                                "flags=?, root=COALESCE(?, root), joined_at=?, last_seen=?, agent=COALESCE(?, agent) "
+                                "WHERE id=?", (role, summary, flags, root, now, now, caller.agent, peer_id))
             if role == "architect" and room["seat_peer"] is None:
                 self.db.execute("UPDATE rooms SET seat_peer=? WHERE id=?", (peer_id, room_id))
             self._event(room_id, now, "joined", name, f"as {role}" + (" (resumed)" if resumed else ""))

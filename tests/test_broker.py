@@ -360,6 +360,13 @@ class ContentFilterTest(BrokerTestCase):
         worker.ok("POST", "/heartbeat", {"summary": "plain work again"})
         me = next(p for p in architect.ok("GET", "/peers")["peers"] if p["name"] == "mark-w")
         self.assertNotIn("flagged", me, "a new summary carries its own mark, or none")
+        status, joined = self.broker.raw_join({"name": "mark-j", "summary": flagged})
+        self.assertEqual(status, 200, joined)
+        me = next(p for p in architect.ok("GET", "/peers")["peers"] if p["name"] == "mark-j")
+        self.assertEqual(me.get("flagged"), {"summary": "instruction-override"}, "a join's summary is marked too")
+        self.broker.raw_join({"name": "mark-j", "summary": "writing tests", "resume": joined["token"]})
+        me = next(p for p in architect.ok("GET", "/peers")["peers"] if p["name"] == "mark-j")
+        self.assertEqual((me["summary"], me.get("flagged")), ("writing tests", None), "a rejoin keeps no old mark")
 
     def test_cheap_refusals_come_before_the_filter(self):
         """A send to nobody or a completion of someone else's task is refused as such, before its text is screened:
