@@ -7,6 +7,7 @@
   own ancestors to find it. A stale binding (the pid reused by another process) never matches.
 - The watcher's narrow credential (read and acknowledge one inbox) is a 0600 ticket per room and name.
 """
+import _socket
 import os
 import stat
 
@@ -139,12 +140,12 @@ def join_socket_path(state_dir: str) -> str:
 
 
 def listen_private(path: str):
-    """A Unix socket only this user can reach (0600, in a 0700 folder), or None where there are none."""
-    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    import socket                           # here: only the MCP server listens
+    """A Unix socket only this user can reach (0600, in a 0700 folder), or None where there are none. A raw
+    _socket (no socket module to import at the server's start): socket.socket(fileno=it.detach()) to accept."""
+    private_dirs(os.path.dirname(path))     # every folder it makes 0700: the state directory may not exist yet
     remove_quietly(path)
     try:
-        listener = socket.socket(socket.AF_UNIX)
+        listener = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         old_mask = os.umask(0o177)
         try:
             listener.bind(path)

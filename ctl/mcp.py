@@ -154,19 +154,25 @@ class Session:
     def offer_join(self) -> None:
         """Join on first use, not at start: a health check (`claude mcp list`) that never calls a tool or runs a
         hook leaves no room, no events and no broker behind. The hooks ask for the join through a socket only
-        this user can reach, so the session exists from its first hook, whatever it is. All of it in the
-        background: the client's tools/list is not kept waiting on the socket module's import."""
-        threading.Thread(target=self.serve_join_requests, daemon=True, name="join-socket").start()
-
-    def serve_join_requests(self) -> None:
+        this user can reach, so the session exists from its first hook, whatever it is. The socket and the
+        binding exist before the next message is read; answering on it (and importing socket) is a thread's."""
         path = identity.join_socket_path(self.state_dir)
-        listener = identity.listen_private(path)
-        if listener is None:
+        try:
+            listener = identity.listen_private(path)
+            if listener is None:
+                return
+            self.join_socket = path
+            with self.lock:
+                if self.token is None:
+                    self.write_binding()        # the socket first: a hook that finds the binding can ask at once
+        except StateError as exc:               # an unsafe state directory: the first tool call says how to fix it
+            log(f"hooks cannot ask this session to join: {exc}")
             return
-        self.join_socket = path
-        with self.lock:
-            if self.token is None:
-                self.write_binding()            # the socket first: a hook that finds the binding can ask at once
+        threading.Thread(target=self.serve_join_requests, args=(listener,), daemon=True, name="join-socket").start()
+
+    def serve_join_requests(self, raw) -> None:
+        import socket                           # here: the server's start does not wait for its import
+        listener = socket.socket(fileno=raw.detach())
         while not self.stopping.is_set():
             try:
                 conn, _ = listener.accept()

@@ -4,6 +4,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -70,6 +71,23 @@ class JoinOnFirstUseTest(HookTestCase):
         self.assertEqual([p["name"] for p in self.broker.operator().ok("GET", "/peers")["peers"]], ["quiet"])
         self.assertIn("Joined room", session.call("join", {})["content"][0]["text"], "the tools use that same join")
         self.assertEqual([p["name"] for p in self.broker.operator().ok("GET", "/peers")["peers"]], ["quiet"])
+
+
+class FirstRunTest(unittest.TestCase):
+    def test_a_first_session_on_a_new_machine_makes_a_private_state_directory_and_joins(self):
+        """No state directory and no broker yet: the MCP server makes the folders 0700 (not the umask's 0755,
+        which the broker would refuse), the first hook's join starts the broker, and the session is in."""
+        fresh = BrokerProcess(env={"CTL_RATE_LIMIT": "1000"})
+        self.addCleanup(fresh.cleanup)
+        self.assertFalse(os.path.exists(fresh.state_dir))
+        session = McpSession(fresh, project_dir("firstrun"), name="first", agent=True)
+        self.addCleanup(session.dispose)
+        session.initialize()
+        session.request("tools/list")
+        self.assertEqual(stat.S_IMODE(os.stat(fresh.state_dir).st_mode), 0o700)
+        code, out, _ = session.hook("SessionStart")
+        self.assertEqual(code, 0)
+        self.assertIn("you are first (worker)", out["hookSpecificOutput"]["additionalContext"])
 
 
 class MemoTest(unittest.TestCase):
