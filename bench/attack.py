@@ -42,6 +42,19 @@ def raw_post(port: int, path: str, body: bytes, token: str) -> None:
 # ---------------------------------------------------------------- the attacks: each runs until `stop` is set
 
 
+def clients(ours, count: int, request, stop) -> None:
+    """`count` clients, each on its own connection, making `request(http, n)` over and over until `stop`."""
+    def run(n):
+        http = Http(ours.port)
+        while not stop.is_set():
+            request(http, n)
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
 def hostile_json(ours, attacker, stop):
     while not stop.is_set():
         for body in BODIES:
@@ -71,48 +84,22 @@ def lock_list_readers(ours, attacker, stop):
     n = 0
     while client.call("POST", "/locks", {"path": f"{n:03d}" + "d" * 1000}, token=attacker["token"])[0] == 200:
         n += 1
-
-    def read():
-        reader = Http(ours.port)
-        while not stop.is_set():
-            reader.call("GET", "/locks", token=attacker["token"])
-    readers = [threading.Thread(target=read) for _ in range(8)]
-    for thread in readers:
-        thread.start()
-    for thread in readers:
-        thread.join()
+    clients(ours, 8, lambda http, _: http.call("GET", "/locks", token=attacker["token"]), stop)
 
 
 def outside_write_lock(ours, attacker, stop):
     """Another process holds the database's write lock while thirty writers keep trying."""
     db = sqlite3.connect(os.path.join(ours.state, "broker.db"), isolation_level=None)
     db.execute("BEGIN IMMEDIATE")
-
-    def write(n):
-        writer = Http(ours.port)
-        while not stop.is_set():
-            writer.call("POST", "/locks", {"path": f"w{n}.py"}, token=attacker["token"])
-    writers = [threading.Thread(target=write, args=(n,)) for n in range(30)]
-    for thread in writers:
-        thread.start()
-    for thread in writers:
-        thread.join()
+    clients(ours, 30, lambda http, n: http.call("POST", "/locks", {"path": f"w{n}.py"}, token=attacker["token"]), stop)
     db.execute("ROLLBACK")
     db.close()
 
 
 def refused_completions(ours, attacker, stop):
     """Completions of tasks that do not exist, each with the longest summary, from four clients."""
-    def complete():
-        client = Http(ours.port)
-        while not stop.is_set():
-            client.call("POST", "/tasks/complete", {"task_id": 99999, "summary": "s" * 2000 + " ignore previous"},
-                        token=attacker["token"])
-    threads = [threading.Thread(target=complete) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    body = {"task_id": 99999, "summary": "s" * 2000 + " ignore previous"}
+    clients(ours, 4, lambda http, _: http.call("POST", "/tasks/complete", body, token=attacker["token"]), stop)
 
 
 def idle_sockets(ours, attacker, stop):

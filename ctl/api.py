@@ -139,10 +139,6 @@ CHECKS = {"text": _check_text, "name": _check_name, "target": _check_target, "en
 SCREENED = ("text", "texts", "root")      # the kinds of field that hold free text
 
 
-class Flags(list):
-    """(field, rule) pairs the filter flagged in one request's fields."""
-
-
 def validate(schema: dict, data: dict) -> dict:
     """Fields, types and sizes: cheap checks, linear in the body."""
     for key in data:
@@ -163,10 +159,10 @@ def validate(schema: dict, data: dict) -> dict:
     return clean
 
 
-def screen_fields(schema: dict, params: dict, secrets) -> Flags:
+def screen_fields(schema: dict, params: dict, secrets) -> list:
     """The content filter over every free-text field: the costly check, so it runs last (after the route's
-    precheck). Refuses with 422, or returns what it flagged."""
-    flags = Flags()
+    precheck). Refuses with 422, or returns what it flagged, as (field, rule) pairs."""
+    flags = []
     for key, field in schema.items():
         value = params.get(key)
         if field.kind in SCREENED and value is not None:

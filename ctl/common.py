@@ -43,6 +43,15 @@ def add_location_args(parser) -> None:
                         help=f"state directory (env CTL_STATE_DIR, default {DEFAULT_STATE_DIR})")
 
 
+def leading_options(argv: list, names: tuple) -> tuple:
+    """(options, the rest): `--name value` pairs of these names at the front of argv, each once. Parsed by
+    hand where a process starts often (a hook, the MCP server): argparse alone costs it milliseconds."""
+    options = {}
+    while len(argv) >= 2 and argv[0] in names and argv[0] not in options:
+        options[argv[0]], argv = argv[1], argv[2:]
+    return options, argv
+
+
 def resolve_port(port_arg=None) -> int:
     raw = port_arg if port_arg is not None else os.environ.get("CTL_PORT", DEFAULT_PORT)
     try:

@@ -21,12 +21,9 @@ def patch_paths(arguments) -> list:
     text = arguments.get("command") if isinstance(arguments, dict) else arguments
     if not isinstance(text, str):
         return []
-    found = []
-    for line in text.split("\n"):
-        header = next((h for h in PATCH_HEADERS if line.startswith(h)), None)
-        if header and line[len(header):].rstrip():
-            found.append(line[len(header):].rstrip())
-    return found
+    paths = (line[len(header):].rstrip() for line in text.split("\n") for header in PATCH_HEADERS
+             if line.startswith(header))
+    return [path for path in paths if path]
 
 
 def permission_deny(reason: str) -> dict:

@@ -613,12 +613,10 @@ def find_peer(state_dir: str, wait: float):
 
 
 def main(argv=None) -> int:
-    """Parsed by hand: argparse would cost every edit a few milliseconds of import."""
+    """hook.py [--port N] [--state-dir DIR] [--client NAME] EVENT, its event on stdin."""
     argv = sys.argv[1:] if argv is None else argv
     global DIALECT
-    options = {}
-    while argv and argv[0] in ("--port", "--state-dir", "--client") and len(argv) > 1:
-        options[argv[0]], argv = argv[1], argv[2:]
+    options, argv = common.leading_options(argv, ("--port", "--state-dir", "--client"))
     port_arg, state_arg = options.get("--port"), options.get("--state-dir")
     if len(argv) != 1 or argv[0] not in (*EVENTS, "git-pre-commit") or \
             options.get("--client", "claude") not in dialects.CLIENTS:

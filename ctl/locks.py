@@ -16,6 +16,12 @@ if TYPE_CHECKING:                       # the annotations only: Actor lives in c
     from ctl.store import Actor
 
 
+# (the column that owns a lock, whose limits, the refusal's code and words): a peer's bound first, then the room's
+LOCK_BOUNDS = (("holder_id", "peer", "too_many_locks", "you hold", "one peer", "unlock files you are done with"),
+               ("room_id", "room", "room_locks_full", "the room holds", "one room",
+                "ask the others to unlock files they are done with"))
+
+
 def resolve_lock_path(root: str, path: str) -> str:
     """One canonical absolute path per file, however it is spelled; refuse anything outside the root."""
     if not path.strip():
@@ -147,18 +153,14 @@ class Locks:
     def _refuse_more_locks(self, room_id: int, holder_id: int, path_bytes: int) -> None:
         """What one peer and one room may hold, in locks and in bytes of path: every session's hook and the
         dashboard fetch the whole list, so its size is bounded."""
-        held, held_bytes = self.db.execute("SELECT COUNT(*), COALESCE(SUM(LENGTH(CAST(path AS BLOB))), 0) FROM locks "
-                                           "WHERE holder_id=?", (holder_id,)).fetchone()
-        if held >= LIMITS["locks_per_peer"] or held_bytes + path_bytes > LIMITS["lock_bytes_per_peer"]:
-            raise ApiError(507, "too_many_locks", f"you hold {held} locks ({held_bytes} bytes of paths), the most one "
-                           f"peer may is {LIMITS['locks_per_peer']} or {LIMITS['lock_bytes_per_peer']} bytes; "
-                           "unlock files you are done with")
-        room_held, room_bytes = self.db.execute("SELECT COUNT(*), COALESCE(SUM(LENGTH(CAST(path AS BLOB))), 0) "
-                                                "FROM locks WHERE room_id=?", (room_id,)).fetchone()
-        if room_held >= LIMITS["locks_per_room"] or room_bytes + path_bytes > LIMITS["lock_bytes_per_room"]:
-            raise ApiError(507, "room_locks_full", f"the room holds {room_held} locks ({room_bytes} bytes of paths), "
-                           f"the most one room may is {LIMITS['locks_per_room']} or {LIMITS['lock_bytes_per_room']} "
-                           "bytes; ask the others to unlock files they are done with")
+        for column, owner, code, held_by, whose, fix in LOCK_BOUNDS:
+            held, held_bytes = self.db.execute("SELECT COUNT(*), COALESCE(SUM(LENGTH(CAST(path AS BLOB))), 0) "
+                                               f"FROM locks WHERE {column}=?", (room_id if owner == "room" else holder_id,)
+                                               ).fetchone()
+            most, most_bytes = LIMITS[f"locks_per_{owner}"], LIMITS[f"lock_bytes_per_{owner}"]
+            if held >= most or held_bytes + path_bytes > most_bytes:
+                raise ApiError(507, code, f"{held_by} {held} locks ({held_bytes} bytes of paths), the most {whose} may "
+                                          f"is {most} or {most_bytes} bytes; {fix}")
 
     def list_locks(self, room_id: int) -> list:
         return [self._lock_view(r) for r in self.db.execute("SELECT * FROM locks WHERE room_id=? ORDER BY path",

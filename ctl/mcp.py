@@ -964,12 +964,10 @@ WATCH_ENDINGS = {"kicked": "watch: the human removed this session from the room.
 
 
 def server_options(argv: list):
-    """(port, state dir) of the server as agents start it (`[--port N] [--state-dir DIR]`), parsed by hand,
-    since argparse alone costs the session's start milliseconds; None for anything else (watch, --help)."""
-    options = {}
-    while len(argv) >= 2 and argv[0] in ("--port", "--state-dir") and argv[0] not in options:
-        options[argv[0]], argv = argv[1], argv[2:]
-    return None if argv else (options.get("--port"), options.get("--state-dir"))
+    """(port, state dir) of the server as agents start it (`[--port N] [--state-dir DIR]`); None for anything
+    else (watch, --help), which argparse reads."""
+    options, rest = common.leading_options(argv, ("--port", "--state-dir"))
+    return None if rest else (options.get("--port"), options.get("--state-dir"))
 
 
 def command_line(argv: list):

@@ -230,65 +230,46 @@ class MigrationTest(unittest.TestCase):
         finally:
             broker.cleanup()
 
-    def test_a_v2_seat_held_by_a_name_passes_to_that_peer(self):
-        folder = tempfile.mkdtemp(prefix="ctl-v2-")
+    def migrated(self, version: int, *statements):
+        """A database of this code made to look like `version` by the statements, then opened (and migrated)."""
+        folder = tempfile.mkdtemp(prefix=f"ctl-v{version}-")
+        self.addCleanup(shutil.rmtree, folder, ignore_errors=True)
         path = os.path.join(folder, "broker.db")
-        try:
-            db = store.open_database(path)
-            for room, name in ((1, "one"), (2, "two"), (3, "three")):
-                db.execute("INSERT INTO rooms(id, key, name, created_at) VALUES(?,?,?,0)", (room, f"name:{name}", name))
-            db.execute("INSERT INTO peers(id, room_id, name, role, generation, status, joined_at, last_seen) "
-                       "VALUES(7, 1, 'lead', 'architect', 1, 'dead', 0, 0)")
-            db.execute("ALTER TABLE rooms ADD COLUMN seat TEXT")
-            db.execute("UPDATE rooms SET seat = CASE id WHEN 1 THEN 'lead' WHEN 2 THEN '' END")
-            db.execute("ALTER TABLE rooms DROP COLUMN seat_peer")
-            db.execute("ALTER TABLE peers DROP COLUMN agent")
-            db.execute("PRAGMA user_version=2")
-            db.close()
-            db = store.open_database(path)
-            self.assertEqual([tuple(r) for r in db.execute("SELECT id, seat_peer FROM rooms ORDER BY id")],
-                             [(1, 7), (2, 0), (3, None)], "held, revoked, never had")
-            self.assertIn("agent", [r[1] for r in db.execute("PRAGMA table_info(peers)")])
-            db.close()
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
+        db = store.open_database(path)
+        for statement in statements:
+            db.execute(statement)
+        db.execute(f"PRAGMA user_version={version}")
+        db.close()
+        db = store.open_database(path)
+        self.addCleanup(db.close)
+        self.assertEqual(db.execute("PRAGMA user_version").fetchone()[0], store.SCHEMA_VERSION)
+        return db
+
+    def test_a_v2_seat_held_by_a_name_passes_to_that_peer(self):
+        db = self.migrated(2, *(f"INSERT INTO rooms(id, key, name, created_at) VALUES({room}, 'name:{name}', '{name}', 0)"
+                                for room, name in ((1, "one"), (2, "two"), (3, "three"))),
+                           "INSERT INTO peers(id, room_id, name, role, generation, status, joined_at, last_seen) "
+                           "VALUES(7, 1, 'lead', 'architect', 1, 'dead', 0, 0)",
+                           "ALTER TABLE rooms ADD COLUMN seat TEXT",
+                           "UPDATE rooms SET seat = CASE id WHEN 1 THEN 'lead' WHEN 2 THEN '' END",
+                           "ALTER TABLE rooms DROP COLUMN seat_peer", "ALTER TABLE peers DROP COLUMN agent")
+        self.assertEqual([tuple(r) for r in db.execute("SELECT id, seat_peer FROM rooms ORDER BY id")],
+                         [(1, 7), (2, 0), (3, None)], "held, revoked, never had")
+        self.assertIn("agent", [r[1] for r in db.execute("PRAGMA table_info(peers)")])
 
     def test_a_v3_room_wakes_its_sessions(self):
-        folder = tempfile.mkdtemp(prefix="ctl-v3-")
-        path = os.path.join(folder, "broker.db")
-        try:
-            db = store.open_database(path)
-            db.execute("INSERT INTO rooms(id, key, name, created_at) VALUES(1, 'name:r', 'r', 0)")
-            db.execute("ALTER TABLE rooms DROP COLUMN wake")
-            db.execute("PRAGMA user_version=3")
-            db.close()
-            db = store.open_database(path)
-            self.assertEqual(db.execute("SELECT wake FROM rooms").fetchall()[0][0], "on")
-            self.assertEqual(db.execute("PRAGMA user_version").fetchone()[0], store.SCHEMA_VERSION)
-            db.close()
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
+        db = self.migrated(3, "INSERT INTO rooms(id, key, name, created_at) VALUES(1, 'name:r', 'r', 0)",
+                           "ALTER TABLE rooms DROP COLUMN wake")
+        self.assertEqual(db.execute("SELECT wake FROM rooms").fetchall()[0][0], "on")
 
     def test_a_v4_database_keeps_its_rows_and_gains_the_filters_marks(self):
-        folder = tempfile.mkdtemp(prefix="ctl-v4-")
-        path = os.path.join(folder, "broker.db")
-        try:
-            db = store.open_database(path)
-            db.execute("INSERT INTO rooms(id, key, name, created_at) VALUES(1, 'name:r', 'r', 0)")
-            db.execute("INSERT INTO tasks(room_id, id, title, description, status, created_by, created_at) "
-                       "VALUES(1, 1, 'kept', '', 'ready', 'lead', 0)")
-            for table in ("peers", "tasks", "locks", "memory"):
-                db.execute(f"ALTER TABLE {table} DROP COLUMN flags")
-            db.execute("PRAGMA user_version=4")
-            db.close()
-            db = store.open_database(path)
-            self.assertEqual(db.execute("SELECT title, flags FROM tasks").fetchall()[0][:], ("kept", None))
-            for table in ("peers", "tasks", "locks", "memory"):
-                self.assertIn("flags", [r[1] for r in db.execute(f"PRAGMA table_info({table})")], table)
-            self.assertEqual(db.execute("PRAGMA user_version").fetchone()[0], 5)
-            db.close()
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
+        db = self.migrated(4, "INSERT INTO rooms(id, key, name, created_at) VALUES(1, 'name:r', 'r', 0)",
+                           "INSERT INTO tasks(room_id, id, title, description, status, created_by, created_at) "
+                           "VALUES(1, 1, 'kept', '', 'ready', 'lead', 0)",
+                           *(f"ALTER TABLE {table} DROP COLUMN flags" for table in ("peers", "tasks", "locks", "memory")))
+        self.assertEqual(tuple(db.execute("SELECT title, flags FROM tasks").fetchone()), ("kept", None))
+        for table in ("peers", "tasks", "locks", "memory"):
+            self.assertIn("flags", [r[1] for r in db.execute(f"PRAGMA table_info({table})")], table)
 
     def test_a_newer_schema_is_refused_with_a_clear_message(self):
         broker = BrokerProcess()

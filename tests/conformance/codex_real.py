@@ -20,17 +20,12 @@ import os
 import subprocess
 import sys
 
-from realcli import FREE_TEXT, LOCKED_TEXT, MESSAGE, Scene, StandIn, around, fenced, occurrences, sse
+from realcli import (FREE_TEXT, LOCKED_TEXT, MESSAGE, SHELL_DENIED, SHELL_IN_SUB, SHELL_READ, Scene, StandIn,
+                     around, fenced, occurrences, sse, unseen_shell_writes)
 
 PROMPT = "Update locked.txt and free.txt as planned, then stop."
-SHELL_DENIED = ("echo overwritten > locked.txt", "sed -i s/held/taken/ locked.txt")   # writes the hook reads
-SHELL_READ = "cat locked.txt"
-SHELL_UNSEEN = {             # writes the hook cannot see in, and their exit codes: a failed command is reported too
-    "python3 -c \"open('locked.txt', 'a').write('stamped by codex\\n')\"": 0,
-    "python3 -c \"open('locked.txt', 'a').write('stamped again\\n'); raise SystemExit(3)\"": 3}
-STAMPED = "stamped by codex\nstamped again\n"
+SHELL_UNSEEN, STAMPED = unseen_shell_writes("codex")
 SHELL_REPORT = "changed during your Bash call"
-SHELL_IN_SUB = {"echo sub > ../locked.txt": True, "echo sub > locked.txt": False}   # run in sub/: denied or not
 _ids = itertools.count(1)
 
 
@@ -211,19 +206,8 @@ def main(cli_bin: str) -> int:
             scene.check(SHELL_REPORT in added and "locked.txt is locked by holder" in added and "restore it" in added
                         and "message holder (send)" in added,
                         f"right after it (exit {code}) the model is told which file, whose lock, what to do", added[-1500:])
-        last = json.dumps(main_loop[-1]["body"], ensure_ascii=False)
-        scene.check(last.count(SHELL_REPORT) == len(SHELL_UNSEEN) and "hook.py" not in last,
-                    f"each report reached the model once, without our command line ({last.count(SHELL_REPORT)} in all)")
-        scene.check(scene.read("locked.txt") == LOCKED_TEXT + STAMPED, "nothing was undone behind anyone's back",
-                    repr(scene.read("locked.txt")))
-        events = scene.broker.operator().ok("GET", "/state").get("events", [])
-        violations = [e for e in events if e.get("kind") == "lock_violation"]
-        scene.check(len(violations) == len(SHELL_UNSEEN) and all(
-                    v.get("actor") == seen.get("session") and "locked.txt" in v.get("detail", "") for v in violations),
-                    "each unseen write is a lock_violation event the human sees (GET /state)", str(events[-6:]))
-        told_holder = [m["content"] for m in scene.holder.ok("GET", "/inbox")["messages"]]
-        scene.check(any("locked.txt" in text and str(seen.get("session")) in text for text in told_holder),
-                    "the holder is told: a message naming the file and the writer", str(told_holder))
+        scene.check_unseen_writes_reported(json.dumps(main_loop[-1]["body"], ensure_ascii=False), SHELL_REPORT,
+                                           len(SHELL_UNSEEN), STAMPED, seen.get("session"))
         scene.check(scene.read("free.txt").strip() == "edited by codex", "free.txt was edited")
         lock = seen.get("free.txt", {})
         scene.check(lock.get("holder") == seen.get("session") and lock.get("reason") == "auto: apply_patch",

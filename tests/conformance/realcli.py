@@ -28,6 +28,19 @@ INSTALL = os.path.join(ROOT, "install.py")
 LOCKED_TEXT = "held by the other session\n"
 FREE_TEXT = "free to edit\n"
 MESSAGE = "Please leave locked.txt to me until I push; ping me when you are done."
+# The shell writes each CLI's model makes to the held file: named ones the hook reads (denied), a read, and the
+# same writes from the sub/ folder a call names (the held file through ../ denied, a free sub/locked.txt run).
+SHELL_DENIED = ("echo overwritten > locked.txt", "sed -i s/held/taken/ locked.txt")
+SHELL_READ = "cat locked.txt"
+SHELL_IN_SUB = {"echo sub > ../locked.txt": True, "echo sub > locked.txt": False}
+
+
+def unseen_shell_writes(writer: str) -> tuple:
+    """Writes the hook cannot see into ({command: exit code}: a failed command is reported too), and what they
+    leave appended to the held file."""
+    return ({f"python3 -c \"open('locked.txt', 'a').write('stamped by {writer}\\n')\"": 0,
+             "python3 -c \"open('locked.txt', 'a').write('stamped again\\n'); raise SystemExit(3)\"": 3},
+            f"stamped by {writer}\nstamped again\n")
 
 
 class StandIn:
@@ -132,6 +145,22 @@ class Scene:
         print(f"{'ok  ' if condition else 'FAIL'} {what}" + ("" if condition or not detail else f"\n     {detail}"))
         self.failures += 0 if condition else 1
         return bool(condition)
+
+    def check_unseen_writes_reported(self, last_request: str, report: str, unseen: int, stamped: str, session):
+        """After the writes the hook could not see: each report reached the model once and never showed our
+        command line, nothing was undone, each write is a lock_violation, and the holder was told."""
+        self.check(last_request.count(report) == unseen and "hook.py" not in last_request,
+                   f"each report reached the model once, without our command line ({last_request.count(report)} in all)")
+        self.check(self.read("locked.txt") == LOCKED_TEXT + stamped, "nothing was undone behind anyone's back",
+                   repr(self.read("locked.txt")))
+        events = self.broker.operator().ok("GET", "/state").get("events", [])
+        violations = [e for e in events if e.get("kind") == "lock_violation"]
+        self.check(len(violations) == unseen and all(
+                   v.get("actor") == session and "locked.txt" in v.get("detail", "") for v in violations),
+                   "each unseen write is a lock_violation event the human sees (GET /state)", str(events[-6:]))
+        told_holder = [m["content"] for m in self.holder.ok("GET", "/inbox")["messages"]]
+        self.check(any("locked.txt" in text and str(session) in text for text in told_holder),
+                   "the holder is told: a message naming the file and the writer", str(told_holder))
 
     def finish(self, label: str) -> int:
         self.broker.cleanup()
