@@ -4,7 +4,9 @@
 
 Scenario "team", for each registration mode (the plugin, and `install.py --hooks`): three sessions at once in one git project:
 alice (the architect), bob and carol (workers), each `claude -p ... --output-format stream-json --verbose` in a fresh
-HOME with its own broker port and state directory. Their scripts are ordered by events (a tool result recorded by the
+HOME with its own broker port and state directory (under the plugin nothing runs first, as on a new machine: the
+first session's join makes the state directory and starts the broker; with install.py, launch.py runs first, as the
+README says). Their scripts are ordered by events (a tool result recorded by the
 stand-in, a peer in the broker), never by sleeps. The checks read the requests the CLI sent: the SessionStart
 briefing, every ctl tool's result as the model saw it, the PreToolUse refusal and the untouched file, the auto-lock,
 the Stop hook's handover (once, fenced, no loop) and its reminder (a worker once, never the architect).
@@ -105,12 +107,12 @@ class Team:
             handle.write(LOCKED_ORIGINAL)
         self.sh("git", "add", "locked.txt", cwd=self.project)
         self.sh("git", "commit", "-qm", "start", cwd=self.project)
-        if self.mode == "plugin":
+        if self.mode == "plugin":       # a first run: no broker and no state directory until a session joins
             self.sh(self.claude, "plugin", "marketplace", "add", CHECKOUT)
             self.sh(self.claude, "plugin", "install", "ctl@control-tower-lite")
-        else:
+        else:                           # the README's order: register, then launch.py
             self.sh(sys.executable, os.path.join(CHECKOUT, "install.py"), "--hooks")
-        self.sh(sys.executable, os.path.join(CHECKOUT, "launch.py"), "--no-browser")
+            self.sh(sys.executable, os.path.join(CHECKOUT, "launch.py"), "--no-browser")
 
     def operator(self, method: str, path: str, body=None):
         client = common.BrokerClient(self.port, token=common.read_secret(self.state_dir, common.OPERATOR_TOKEN_FILE),
