@@ -177,6 +177,34 @@ class Previous(Ours):
         shutil.rmtree(self.code, ignore_errors=True)
 
 
+class Reference:
+    """One of bench/reference.py's two measuring sticks, spoken to as our own API by the same client."""
+    kind = "ours"
+    requests_per_delivery = 2
+    NAMES = {"answer": "a server that only answers (the client's own ceiling)",
+             "durable": "the least a durable broker does (one fsync per send, none for the ack)"}
+
+    def __init__(self, mode: str):
+        self.mode, self.name, self.port = mode, self.NAMES[mode], free_port()
+        self.folder = tempfile.mkdtemp(prefix="ctl-reference-")
+        self.proc = None
+
+    def start(self):
+        self.proc = subprocess.Popen([sys.executable, os.path.join(HERE, "reference.py"), self.mode, str(self.port),
+                                      self.folder], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_http(self.port, "/health")
+        return self
+
+    def cleanup(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def peer(self, name: str, room: str = "") -> dict:
+        return {"kind": self.kind, "port": self.port, "name": name, "token": name}
+
+
 class Caucus:
     name = "Caucus"
     requests_per_delivery = 2        # send; receive that acknowledges the previous batch (ack_seq)
@@ -754,6 +782,7 @@ def main() -> int:
     previous = Previous().start()
     caucus = Caucus().start() if Caucus.available() else None
     systems = [ours, previous] + ([caucus] if caucus else [])
+    references = [Reference("answer").start(), Reference("durable").start()]
     rows = []
 
     def row(measure, unit, ours_value, caucus_value, better, against="Caucus"):
@@ -769,7 +798,8 @@ def main() -> int:
     try:
         cpu = {}
         for pairs in (1, 8):
-            got = alternate(args.rounds, systems, lambda s: round_trips(s, pairs, duration))
+            measured = systems + (references if pairs == 1 else [])
+            got = alternate(args.rounds, measured, lambda s: round_trips(s, pairs, duration))
             rates = {name: statistics.median(run["rate"] for run in runs) for name, runs in got.items()}
             cpu[pairs] = {name: {k: statistics.median(run[k] for run in runs) for k in runs[0]}
                           for name, runs in got.items()}
@@ -778,6 +808,9 @@ def main() -> int:
                 rates[caucus.name] if caucus else "n/a", "higher")
             row(f"  previous code, {label}", "per s", rates[previous.name], rates[caucus.name] if caucus else "n/a",
                 "higher")
+            for reference in measured[len(systems):]:
+                row(f"  {reference.name}, {label}", "per s", rates[reference.name],
+                    rates[caucus.name] if caucus else "n/a", "higher")
         for pairs in (1, 8):
             label = f"{pairs} pair{'s' if pairs > 1 else ''}"
             mine, old = cpu[pairs][ours.name], cpu[pairs][previous.name]
@@ -825,7 +858,7 @@ def main() -> int:
         row(f"broker RSS after {flood:,} messages", "KiB", mem[ours.name][1], mem[caucus.name][1] if caucus else "n/a",
             "lower")
     finally:
-        for system in systems:
+        for system in systems + references:
             system.cleanup()
     mixed = mixed_workload(100, 8 if args.quick else 30)
     row(f"mixed workload, 100 peers, {'8' if args.quick else '30'} s: operations", "per s", mixed["ops_per_s"], "n/a", "")
