@@ -12,10 +12,13 @@ import time
 
 from ctl import entry_command, lightjson, user_command
 
-try:
-    from _sha256 import sha256                  # CPython up to 3.11 (3.12 renamed it; there hashlib it is)
+try:                                            # CPython's builtin SHA-256, without hashlib's OpenSSL (4 ms)
+    from _sha2 import sha256                    # 3.12 and later
 except ImportError:
-    from hashlib import sha256
+    try:
+        from _sha256 import sha256              # up to 3.11
+    except ImportError:
+        from hashlib import sha256
 try:
     from _operator import _compare_digest as compare_digest     # what hmac.compare_digest falls back to
 except ImportError:
