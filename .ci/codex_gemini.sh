@@ -8,6 +8,7 @@ declare -A packages=([codex]=@openai/codex@latest [gemini]=@google/gemini-cli@la
 package=${packages[$client]:?usage: codex_gemini.sh codex|gemini WORK_DIR}
 if ! timeout 60 npm ping >/dev/null 2>&1; then
   echo "SKIPPED: the npm registry cannot be reached, so $package cannot be installed"
+  [ -z "${CTL_CI_SKIPPED:-}" ] || echo "the npm registry cannot be reached, so $package cannot be installed" >>"$CTL_CI_SKIPPED"
   exit 0
 fi
 prefix="$work/$client"

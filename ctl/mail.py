@@ -11,6 +11,12 @@ if TYPE_CHECKING:                       # the annotations only: Actor lives in c
     from ctl.store import Actor
 
 
+# A peer's unread mail, oldest first; while the room is paused only the human's (index: deliveries_unread).
+INBOX_SQL = {held: "SELECT d.id AS delivery_id, m.* FROM deliveries d JOIN messages m ON m.id = d.message_id "
+                   f"WHERE d.peer_id=? AND d.acked_at IS NULL {clause} ORDER BY d.id LIMIT ?"
+             for held, clause in ((False, ""), (True, "AND m.origin != 'agent'"))}
+
+
 class Mail:
     """The mail rules of Store; they share its database, transactions and rooms."""
 
@@ -95,10 +101,7 @@ class Mail:
                 self._unread.pop(peer_id, None)
                 self._note_read(peer, now)
         state = self.room_state(peer["room_id"])
-        held = "AND m.origin != 'agent'" if state == "paused" else ""
-        rows = self.db.execute(
-            "SELECT d.id AS delivery_id, m.* FROM deliveries d JOIN messages m ON m.id = d.message_id "
-            f"WHERE d.peer_id=? AND d.acked_at IS NULL {held} ORDER BY d.id LIMIT ?", (peer_id, limit)).fetchall()
+        rows = self.db.execute(INBOX_SQL[state == "paused"], (peer_id, limit)).fetchall()
         return {"room": state, "messages": [self._message_view(r, r["delivery_id"]) for r in rows]}
 
     def _note_read(self, peer, now: float) -> None:
