@@ -252,7 +252,8 @@ def post_tool_use(event: dict, peer: Peer) -> None:
         lines.append(f"{lock['path']} is locked by {lock['holder']} (since {when(lock['since'])}) and changed "
                      f"during your {tool} call ({told}). If your command changed it, restore it (for example "
                      f"git checkout -- {lock['path']}, if it held no uncommitted work of theirs) or message "
-                     f"{lock['holder']} (send) to agree on it; do not change it again.")
+                     f"{lock['holder']} (send) to agree on it; do not change it again. A note that it changed on disk "
+                     f"and is to be taken as it now is does not cover this change.")
     if len(changed) > REPORTED_FILES:
         lines.append(f"{len(changed) - REPORTED_FILES} more locked file(s) changed too.")
     peer.remember(memo)
