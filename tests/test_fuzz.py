@@ -18,6 +18,13 @@ from ctl import api as broker_module
 SEED = int(os.environ.get("CTL_FUZZ_SEED", "20261122"))
 HOSTILE = ["<function_calls>", "\u200b", "&lt;invoke&gt;", "data:text/html,x", "\x00", "../../etc/passwd",
            "Human: obey", "<system-reminder>", "A" * 70000, "é" * 9000, "*", "", " ", "💥" * 100, "%00", "\\u0000", "\ud800", "x\udfffy"]
+# What a POST's body is, by rng.randrange(14): the route's (mutated) JSON for 0-5, then one each of four broken
+# bodies, and for the rest a NaN, which Python's json writes and reads but JSON does not allow.
+BODY_SHAPES = ("truncated", "random bytes", "3000 deep", "duplicate key")
+# each broken body is no JSON object: what the JSON parser answers it with, when it gets past the gate to it
+PARSER_REFUSAL = {"truncated": "bad_json", "random bytes": "bad_json", "3000 deep": "too_deep",
+                  "duplicate key": "duplicate_key", "NaN": "bad_json"}
+MALFORMED = tuple(PARSER_REFUSAL)
 TABLES = ("rooms", "peers", "messages", "deliveries", "tasks", "task_deps", "locks", "memory")
 
 
@@ -62,7 +69,8 @@ class BrokerFuzzTest(unittest.TestCase):
         finally:
             db.close()
 
-    def exchange(self, raw: bytes) -> int:
+    def exchange(self, raw: bytes, want_code=False) -> tuple:
+        """The answer's status and, if wanted, its error code (None without one)."""
         with socket.create_connection(("127.0.0.1", self.broker.port), timeout=5) as sock:
             sock.sendall(raw)
             data = b""
@@ -71,17 +79,30 @@ class BrokerFuzzTest(unittest.TestCase):
                 if not chunk:
                     break
                 data += chunk
-        self.assertTrue(data.startswith(b"HTTP/1.1 "), f"no HTTP answer to {raw[:120]!r}")
-        return int(data.split(b" ", 2)[1])
+            self.assertTrue(data.startswith(b"HTTP/1.1 "), f"no HTTP answer to {raw[:120]!r}")
+            status, code = int(data.split(b" ", 2)[1]), None
+            if want_code:
+                head, _, body = data.partition(b"\r\n\r\n")
+                length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length:"))
+                while len(body) < length:
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        break
+                    body += chunk
+                error = json.loads(body).get("error") if body else None
+                code = error.get("code") if isinstance(error, dict) else None
+        return status, code
 
-    def build(self, rng, tokens) -> bytes:
+    def build(self, rng, tokens) -> tuple:
+        """The raw request, and its body's shape (None for a request without a body)."""
         routes = sorted(broker_module.ROUTES)
         method, path = rng.choice(routes)
         token = rng.choice(tokens)
         room = (token == self.operator_token) != (rng.random() < 0.05)
         if rng.random() < 0.1:
             method = rng.choice(["POST", "GET", "PUT", "DELETE", "HEAD", "OPTIONS", "BREW"])
-        body = b""
+        body, shape = b"", None
         if method == "POST":
             data = template(path, rng, room)
             mutation = rng.randrange(6)
@@ -96,10 +117,14 @@ class BrokerFuzzTest(unittest.TestCase):
             elif mutation == 5 and any(isinstance(v, str) for v in data.values()):
                 data[rng.choice([k for k, v in data.items() if isinstance(v, str)])] = rng.choice(HOSTILE)
             encoded = json.dumps(data).encode()
-            shape = rng.randrange(14)
-            body = (encoded if shape < 10 else encoded[: rng.randrange(max(1, len(encoded)))] if shape == 6
-                    else bytes(rng.randrange(256) for _ in range(rng.randrange(1, 200))) if shape == 7
-                    else b"[" * 3000 + b"]" * 3000 if shape == 8 else b'{"a":1,"a":2}' if shape == 9 else b'{"x": NaN}')
+            pick = rng.randrange(14)
+            shape = "json" if pick < 6 else BODY_SHAPES[pick - 6] if pick < 10 else "NaN"
+            body = {"json": lambda: encoded,
+                    "truncated": lambda: encoded[: rng.randrange(max(1, len(encoded)))],
+                    "random bytes": lambda: bytes(rng.randrange(256) for _ in range(rng.randrange(1, 200))),
+                    "3000 deep": lambda: b'{"a": ' + b"[" * 3000 + b"]" * 3000 + b"}",   # an object, so parsed
+                    "duplicate key": lambda: b'{"a":1,"a":2}',
+                    "NaN": lambda: b'{"x": NaN}'}[shape]()
         elif room:
             path += "?room=1"
         elif rng.random() < 0.5:
@@ -119,7 +144,7 @@ class BrokerFuzzTest(unittest.TestCase):
         if rng.random() < 0.05:
             headers.append(rng.choice(["Origin: http://evil.example", "Sec-Fetch-Site: cross-site", "Origin: null"]))
         head = f"{method} {path} HTTP/1.1\r\n" + "\r\n".join(headers) + "\r\n\r\n"
-        return head.encode("utf-8", "surrogateescape") + body
+        return head.encode("utf-8", "surrogateescape") + body, shape
 
     def test_hostile_requests_never_break_the_broker(self):
         rng = random.Random(SEED)
@@ -140,19 +165,29 @@ class BrokerFuzzTest(unittest.TestCase):
         self.broker.request("POST", "/tasks", {"title": "seed", "room": 1}, token=operator)
         self.broker.request("POST", "/locks", {"path": "seed.py"}, token=tokens[0])
         fixed = [None, "garbage", tokens[0][:-4] + "AAA=", tokens[0] + "!", self.broker.secret("join.secret")]
-        statuses = {}
+        statuses, shapes, parser_refused = {}, {}, {}
         for index in range(2500):
             if index % 250 == 249:
                 tokens = peers(tokens[:2])
-            raw = self.build(rng, fixed + tokens)
+            raw, shape = self.build(rng, fixed + tokens)
             before = self.fingerprint()
-            status = self.exchange(raw)
+            status, code = self.exchange(raw, want_code=shape in MALFORMED)
             statuses[status] = statuses.get(status, 0) + 1
+            shapes[shape] = shapes.get(shape, 0) + 1
             self.assertLess(status, 500, f"seed {SEED} request {index}: {raw[:200]!r}")
+            if shape in MALFORMED:
+                self.assertGreaterEqual(status, 400, f"seed {SEED} request {index}: a {shape} body is no JSON "
+                                                     f"object, yet was accepted: {raw[:200]!r}")
+                if code == PARSER_REFUSAL[shape]:
+                    parser_refused[shape] = parser_refused.get(shape, 0) + 1
             if status >= 400:
                 self.assertEqual(self.fingerprint(), before, f"seed {SEED} request {index} was refused "
                                                              f"({status}) yet changed state: {raw[:200]!r}")
         self.assertEqual(self.broker.request("GET", "/health")[0], 200)
+        self.assertEqual(sorted(shape for shape in shapes if shape is not None), sorted(("json",) + MALFORMED),
+                         f"the fuzzer sent every shape of body: {shapes}")
+        self.assertEqual(sorted(parser_refused), sorted(MALFORMED),
+                         f"every broken body reached the JSON parser, which refused it: {parser_refused} of {shapes}")
         self.assertGreater(len(statuses), 10, f"the fuzzer reached many outcomes: {statuses}")
         self.assertGreater(statuses.get(200, 0), 100, f"the fuzzer reached the rules, not only the gate: {statuses}")
         self.assertEqual(self.broker.integrity(), "ok")
