@@ -1,4 +1,5 @@
 """install.py against a temporary HOME, and launch.py starting, reporting and stopping a real broker."""
+import difflib
 import json
 import os
 import re
@@ -126,7 +127,14 @@ class InstallTest(unittest.TestCase):
         entry = json.loads(written)["mcpServers"]["ctl"]
         self.assertEqual((entry["command"], entry["args"]), ("python3", ["-S", MCP]), "no machine-specific interpreter")
         old_lines, new_lines = existing.splitlines(), written.splitlines()
-        self.assertTrue(all(line in new_lines for line in old_lines[:-2]), "only lines added: a minimal diff")
+        hunks = [op for op in difflib.SequenceMatcher(None, old_lines, new_lines, autojunk=False).get_opcodes()
+                 if op[0] != "equal"]
+        self.assertEqual(len(hunks), 1, f"the entry goes in at one place, nothing else changes: {hunks}\n{written}")
+        tag, i1, i2, j1, j2 = hunks[0]
+        if tag == "replace":        # the one change an existing line may take: the comma before the new entry
+            self.assertEqual((i2 - i1, new_lines[j1]), (1, old_lines[i1] + ","), f"only lines added:\n{written}")
+        else:
+            self.assertEqual(tag, "insert", f"only lines added:\n{written}")
         self.assertFalse(os.path.exists(os.path.join(self.home, ".claude.json")))
         self.run_install("--scope", "project", project, "--uninstall")
         self.assertEqual(self.snapshot(self.home), before)
