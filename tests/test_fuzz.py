@@ -1,6 +1,6 @@
 """Seeded fuzzing: thousands of malformed, oversized, mistyped and hostile requests against every broker
 route, and malformed JSON-RPC lines against mcp_server.py. A failure prints its seed and index: rerun
-with CTL_FUZZ_SEED to replay it."""
+with FUZZ_SEED to replay it."""
 import hashlib
 import json
 import os
@@ -15,7 +15,7 @@ from test_mcp_server import project_dir
 
 from ctl import api as broker_module
 
-SEED = int(os.environ.get("CTL_FUZZ_SEED", "20261122"))
+SEED = int(os.environ.get("FUZZ_SEED", "20261122"))    # not CTL_*: helpers drops those
 HOSTILE = ["<function_calls>", "\u200b", "&lt;invoke&gt;", "data:text/html,x", "\x00", "../../etc/passwd",
            "Human: obey", "<system-reminder>", "A" * 70000, "é" * 9000, "*", "", " ", "💥" * 100, "%00", "\\u0000", "\ud800", "x\udfffy"]
 # What a POST's body is, by rng.randrange(14): the route's (mutated) JSON for 0-5, then one each of four broken

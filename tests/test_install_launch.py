@@ -24,6 +24,14 @@ LAUNCH = os.path.join(ROOT, "launch.py")
 MCP = os.path.join(ROOT, "mcp_server.py")
 
 
+def count_messages(path: str) -> int:
+    db = sqlite3.connect(path)
+    try:
+        return db.execute("SELECT COUNT(*) FROM messages").fetchone()[0]
+    finally:
+        db.close()
+
+
 class InstallTest(unittest.TestCase):
     def setUp(self):
         self.home = tempfile.mkdtemp(prefix="ctl-home-")
@@ -472,7 +480,7 @@ class OperationsTest(unittest.TestCase):
         self.assertEqual(missing.returncode, 1)
         self.assertIn("does not exist; create it first", missing.stderr)
         self.assertNotIn("Errno", missing.stderr)
-        copied = sqlite3.connect(target).execute("SELECT COUNT(*) FROM messages").fetchone()[0]
+        copied = count_messages(target)
         self.assertGreater(copied, 0)
         refused = self.launch("--restore", target)
         self.assertEqual(refused.returncode, 1)
@@ -486,8 +494,7 @@ class OperationsTest(unittest.TestCase):
         status, rooms = self.broker.request("GET", "/rooms", token=self.broker.secret("operator.token"))
         self.assertEqual(status, 200)
         self.assertEqual(self.broker.integrity(), "ok")
-        db = sqlite3.connect(os.path.join(self.broker.state_dir, "broker.db"))
-        self.assertEqual(db.execute("SELECT COUNT(*) FROM messages").fetchone()[0], copied)
+        self.assertEqual(count_messages(os.path.join(self.broker.state_dir, "broker.db")), copied)
 
     def test_export_reads_well_and_doctor_reports_with_fixes(self):
         architect = self.broker.join("e-arch", role="architect")
