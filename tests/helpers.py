@@ -331,13 +331,13 @@ class McpSession:
             raise AssertionError(f"{tool} {arguments} failed: {result['content'][0]['text']}")
         return result["structuredContent"]
 
-    def hook(self, event, payload=None, env=None, extra_args=()):
+    def hook(self, event, payload=None, env=None, extra_args=(), python_flags=()):
         """Run hook.py as Claude Code would, as a child of this session's agent: the documented JSON on
-        stdin; returns (exit code, parsed stdout or None, stderr)."""
+        stdin; returns (exit code, parsed stdout or None, stderr). python_flags go to the interpreter."""
         deadline = time.time() + 10
         while not os.path.exists(self.agent_socket) and time.time() < deadline:
             time.sleep(0.02)
-        request = {"argv": [sys.executable, HOOK, *extra_args, event], "cwd": self.cwd,
+        request = {"argv": [sys.executable, *python_flags, HOOK, *extra_args, event], "cwd": self.cwd,
                    "stdin": json.dumps({"session_id": "test-session", "cwd": self.cwd, "hook_event_name": event,
                                         **(payload or {})}),
                    "env": {"CTL_PORT": self.env["CTL_PORT"], "CTL_STATE_DIR": self.env["CTL_STATE_DIR"], **(env or {})}}

@@ -12,6 +12,7 @@ import time
 import unittest
 
 from helpers import HOOK, ROOT, BrokerProcess, McpSession
+from test_lean_hooks import HEAVY
 from test_mcp_server import project_dir
 
 INSTALL = os.path.join(ROOT, "install.py")
@@ -125,6 +126,20 @@ class PreToolUseTest(HookTestCase):
         outside = os.path.join(tempfile.mkdtemp(), "elsewhere.py")
         self.assertEqual(bob.hook("PreToolUse", edit(outside)), (0, None, ""), "not our project: untouched")
         self.assertNotIn(outside, str(self.locks()))
+
+    def test_an_edits_hook_as_the_plugin_runs_it_imports_nothing_heavy(self):
+        """Every edit pays the hook's start: through the whole PreToolUse path (a lock taken, an edit refused,
+        a path outside the project) it imports none of the modules test_lean_hooks keeps out."""
+        alice, bob = self.agent("alice"), self.agent("bob")
+        target = os.path.join(self.project, "lean.py")
+        outside = os.path.join(tempfile.mkdtemp(), "elsewhere.py")
+        for session, path, decided in ((alice, target, None), (bob, target, "deny"), (bob, outside, None)):
+            code, out, stderr = session.hook("PreToolUse", edit(path), python_flags=("-S", "-X", "importtime"))
+            self.assertEqual((code, out and out["hookSpecificOutput"]["permissionDecision"]), (0, decided), path)
+            imported = {line.rsplit("|", 1)[1].strip() for line in stderr.splitlines()
+                        if line.startswith("import time:") and "|" in line}
+            self.assertIn("ctl.hooks", imported, "the import log was read")
+            self.assertEqual(sorted(imported & set(HEAVY)), [], f"imported on an edit's hook ({path})")
 
     def test_a_sessions_memo_goes_with_it(self):
         alice, bob = self.agent("alice"), self.agent("bob")
