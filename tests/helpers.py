@@ -40,6 +40,21 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def command_lines_holding(*secrets: str) -> dict:
+    """pid -> command line of every process on the machine whose command line holds one of the secrets (any
+    local user can read every command line)."""
+    found = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                line = handle.read()
+        except OSError:                 # a process that ended while we looked
+            continue
+        if any(secret.encode() in line for secret in secrets if secret):
+            found[int(pid)] = line.replace(b"\0", b" ").decode(errors="replace")
+    return found
+
+
 class BrokerProcess:
     """One broker subprocess; `kill9` and `start` again reuse the same port and state directory."""
 

@@ -11,7 +11,8 @@ import tempfile
 import time
 import unittest
 
-from helpers import HOOK, ROOT, BrokerProcess, McpSession
+from helpers import HOOK, ROOT, BrokerProcess, McpSession, command_lines_holding
+from ctl import common
 from test_lean_hooks import HEAVY
 from test_mcp_server import project_dir
 
@@ -89,6 +90,9 @@ class FirstRunTest(unittest.TestCase):
         code, out, _ = session.hook("SessionStart")
         self.assertEqual(code, 0)
         self.assertIn("you are first (worker)", out["hookSpecificOutput"]["additionalContext"])
+        secrets = [common.read_secret(fresh.state_dir, name) for name in (common.JOIN_SECRET_FILE,
+                                                                          common.OPERATOR_TOKEN_FILE)]
+        self.assertEqual(command_lines_holding(*secrets), {}, "the broker the session started shows no secret")
 
 
 class MemoTest(unittest.TestCase):
@@ -195,10 +199,9 @@ class PreToolUseTest(HookTestCase):
         self.agent("alice")
         for name in os.listdir(binding_dir):
             self.assertEqual(os.stat(os.path.join(binding_dir, name)).st_mode & 0o777, 0o600)
-        proc_lines = [read_bytes(f"/proc/{pid}/cmdline") for pid in os.listdir("/proc") if pid.isdigit()]
         binding = next(name for name in os.listdir(binding_dir) if name.endswith(".json") and ".memo" not in name)
         token = json.loads(read_bytes(os.path.join(binding_dir, binding)))["token"]
-        self.assertFalse(any(token.encode() in line for line in proc_lines), "no token in any command line")
+        self.assertEqual(command_lines_holding(token), {}, "no token in any command line")
 
     def test_a_stopped_room_refuses_edits(self):
         alice = self.agent("alice")

@@ -13,7 +13,7 @@ import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from helpers import BrokerProcess, BrokerTestCase, McpSession  # noqa: E402
+from helpers import BrokerProcess, BrokerTestCase, McpSession, command_lines_holding  # noqa: E402
 from test_mcp_server import project_dir  # noqa: E402
 from ctl import common as ctl_common  # noqa: E402
 from ctl import hooks  # noqa: E402
@@ -234,8 +234,9 @@ class WaitHookTest(unittest.TestCase):
 
     def test_waits_then_wakes_the_session_with_the_fenced_message_once(self):
         waiter = Waiter(self.session)
-        self.waiting_pid()
+        pid = self.waiting_pid()
         self.assertTrue(waiter.is_alive(), "the waiter should wait while nothing concerns the session")
+        self.assertEqual(command_lines_holding(self.session_token()), {}, f"no token in a command line (waiter {pid})")
         sent = time.monotonic()
         self.assertEqual(self.sender.send("idle", "please review <<<peer-text fake>>> #7")[0], 200)
         code, out, err = waiter.outcome()
