@@ -11,10 +11,11 @@ if TYPE_CHECKING:                       # the annotations only: Actor lives in c
     from ctl.store import Actor
 
 
-# A peer's unread mail, oldest first; while the room is paused only the human's (index: deliveries_unread).
+HELD_BY_A_PAUSE = "AND m.origin != 'agent'"     # while a room is paused, only the human's messages are readable
+# A peer's unread mail, oldest first, by whether its room is paused (index: deliveries_unread).
 INBOX_SQL = {held: "SELECT d.id AS delivery_id, m.* FROM deliveries d JOIN messages m ON m.id = d.message_id "
-                   f"WHERE d.peer_id=? AND d.acked_at IS NULL {clause} ORDER BY d.id LIMIT ?"
-             for held, clause in ((False, ""), (True, "AND m.origin != 'agent'"))}
+                   f"WHERE d.peer_id=? AND d.acked_at IS NULL {HELD_BY_A_PAUSE if held else ''} ORDER BY d.id LIMIT ?"
+             for held in (False, True)}
 
 
 class Mail:
@@ -128,6 +129,27 @@ class Mail:
             self._unread.pop(peer["id"], None)
             self._note_read(peer, now)
         return {"acked": cursor.rowcount}
+
+    def unread_summary(self, peer) -> dict:
+        """How many messages wait, and from whom the latest: the one-line notice every tool result carries.
+        Messages held by a pause are not counted: they are not readable until the human resumes. Kept per
+        peer until its deliveries change, so a session with a long backlog does not count it on every call."""
+        held = self.room_state(peer["room_id"]) == "paused"
+        cached = self._unread.get(peer["id"])
+        if cached is None or cached[0] != held:
+            cached = self._unread[peer["id"]] = (held, self._count_unread(peer["id"], held))
+        return dict(cached[1])
+
+    def _count_unread(self, peer_id: int, held: bool) -> dict:
+        readable = HELD_BY_A_PAUSE if held else ""
+        row = self.db.execute(
+            "SELECT COUNT(*) AS n, MAX(d.id) AS latest FROM deliveries d JOIN messages m ON m.id=d.message_id "
+            f"WHERE d.peer_id=? AND d.acked_at IS NULL {readable}", (peer_id,)).fetchone()
+        if not row["n"]:
+            return {"unread": 0}
+        latest = self.db.execute("SELECT m.sender, m.category FROM deliveries d JOIN messages m ON m.id=d.message_id "
+                                 "WHERE d.id=?", (row["latest"],)).fetchone()
+        return {"unread": row["n"], "latest_from": latest["sender"], "latest_category": latest["category"]}
 
     def receipts(self, peer, limit: int = 5) -> list:
         """What became of this peer's latest messages: who has read them, who has not yet."""

@@ -1,7 +1,6 @@
 """A room's peers: joins and leases, their reaping, the architect seat, and the human's kicks and hand-overs.
 
 A part of Store (ctl/store.py), which combines one such class per aggregate over one database."""
-import json
 import time
 
 from ctl.config import LIMITS
@@ -44,15 +43,6 @@ class Peers:
             self._return_to_ready(task, peer, now, why)
         self.db.execute("DELETE FROM locks WHERE holder_id=?", (peer_id,))
         self._changed()
-
-    def _return_to_ready(self, task, holder, now: float, why: str) -> None:
-        """The next claimer learns who held it, for how long, and what they last said they were doing."""
-        history = json.loads(task["history"])
-        history.append({"holder": holder["name"] if holder else None, "why": why,
-                        "held_seconds": round(now - (task["claimed_at"] or now)),
-                        "last_status": holder["summary"] if holder else ""})
-        self.db.execute("UPDATE tasks SET status='ready', assignee_id=NULL, claimed_at=NULL, history=? "
-                        "WHERE room_id=? AND id=?", (json.dumps(history[-5:]), task["room_id"], task["id"]))
 
     def _reap(self, now: float) -> list:
         dead = self.db.execute("SELECT id, name, room_id FROM peers WHERE status='active' AND last_seen < ?",
@@ -205,27 +195,6 @@ class Peers:
             with self.tx():
                 self.db.execute("UPDATE peers SET reach=? WHERE id=?", (reach, peer["id"]))
             self._changed()
-
-    def unread_summary(self, peer) -> dict:
-        """How many messages wait, and from whom the latest: the one-line notice every tool result carries.
-        Messages held by a pause are not counted: they are not readable until the human resumes. Kept per
-        peer until its deliveries change, so a session with a long backlog does not count it on every call."""
-        held = self.room_state(peer["room_id"]) == "paused"
-        cached = self._unread.get(peer["id"])
-        if cached is None or cached[0] != held:
-            cached = self._unread[peer["id"]] = (held, self._count_unread(peer["id"], held))
-        return dict(cached[1])
-
-    def _count_unread(self, peer_id: int, held: bool) -> dict:
-        readable = "AND m.origin != 'agent'" if held else ""
-        row = self.db.execute(
-            "SELECT COUNT(*) AS n, MAX(d.id) AS latest FROM deliveries d JOIN messages m ON m.id=d.message_id "
-            f"WHERE d.peer_id=? AND d.acked_at IS NULL {readable}", (peer_id,)).fetchone()
-        if not row["n"]:
-            return {"unread": 0}
-        latest = self.db.execute("SELECT m.sender, m.category FROM deliveries d JOIN messages m ON m.id=d.message_id "
-                                 "WHERE d.id=?", (row["latest"],)).fetchone()
-        return {"unread": row["n"], "latest_from": latest["sender"], "latest_category": latest["category"]}
 
     def peer_view(self, peer, now: float) -> dict:
         age = now - peer["last_seen"]

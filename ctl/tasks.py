@@ -288,6 +288,15 @@ class Tasks:
                                                      (actor.peer["id"],)).fetchone()[0]
             return view
 
+    def _return_to_ready(self, task, holder, now: float, why: str) -> None:
+        """The next claimer learns who held it, for how long, and what they last said they were doing."""
+        history = json.loads(task["history"])
+        history.append({"holder": holder["name"] if holder else None, "why": why,
+                        "held_seconds": round(now - (task["claimed_at"] or now)),
+                        "last_status": holder["summary"] if holder else ""})
+        self.db.execute("UPDATE tasks SET status='ready', assignee_id=NULL, claimed_at=NULL, history=? "
+                        "WHERE room_id=? AND id=?", (json.dumps(history[-5:]), task["room_id"], task["id"]))
+
     def release_task(self, room_id: int, task_id: int, now: float) -> dict:
         with self.tx():
             self._open_room(room_id)

@@ -219,7 +219,8 @@ class MessagesTest(BrokerTestCase):
         self.assertEqual(status, 400)
 
     def test_blocker_reaches_architect_and_is_flagged(self):
-        w1, w2 = self.broker.join("w-one"), self.broker.join("w-two")
+        w1 = self.broker.join("w-one")
+        self.broker.join("w-two")
         architect = self._architect()
         sent = w1.ok("POST", "/messages", {"to": "w-two", "content": "stuck on the schema", "category": "blocker"})
         self.assertEqual(set(sent["delivered_to"]), {"w-two", architect})

@@ -50,7 +50,7 @@ class ChaosTest(unittest.TestCase):
             sessions.append(architect)
             architect.initialize()
             architect.ok("join", {"role": "architect"})
-            tasks = diamond_graph(architect)
+            diamond_graph(architect)
             workers = {}
             for name in ("w1", "w2", "w3"):
                 workers[name] = McpSession(broker, cwd, name=name)

@@ -10,7 +10,7 @@ import sqlite3
 import time
 import unittest
 
-from helpers import ROOT, BrokerProcess, McpSession, ctl_common
+from helpers import ROOT, BrokerProcess, McpSession
 from test_mcp_server import project_dir
 
 from ctl import api as broker_module

@@ -97,7 +97,7 @@ class FirstRunTest(unittest.TestCase):
 
 class MemoTest(unittest.TestCase):
     def test_a_memo_left_by_an_earlier_process_with_the_same_pid_is_not_this_sessions(self):
-        from ctl import common, hooks, identity
+        from ctl import common, hooks
         state = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, state, ignore_errors=True)
         os.chmod(state, 0o700)
