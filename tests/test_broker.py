@@ -836,14 +836,17 @@ class SeatTextTest(unittest.TestCase):
 
 class DurabilityTest(unittest.TestCase):
     def test_kill9_under_concurrent_writers_loses_nothing_acknowledged(self):
-        """Sixteen writers at once, so the loop's group commit batches them; every answer with a 200 must
-        survive a kill -9 at an arbitrary moment: messages, tasks and memory alike."""
+        """Eighteen writers at once, so the loop's group commit batches them; every answer with a 200 must
+        survive a kill -9 at an arbitrary moment: messages, tasks with their claims and completions, and
+        memory alike."""
         broker = BrokerProcess(env={"CTL_RATE_LIMIT": "1000000", "CTL_JOIN_RATE": "100000"}).start()
         try:
             architect = broker.join("d-arch", role="architect")
             reader = broker.join("d-read")
             senders = [broker.join(f"d-send{i}") for i in range(12)]
+            builders = [broker.join(f"d-build{i}") for i in range(2)]
             acknowledged = {"message": [], "task": [], "memory": []}
+            stages = {}                # task title -> the last of created, claimed, done a 200 answered
             lock, stop = threading.Lock(), threading.Event()
 
             def write(token, kind, label):
@@ -861,6 +864,26 @@ class DurabilityTest(unittest.TestCase):
                     if status == 200:
                         with lock:
                             acknowledged[kind].append(text)
+                    i += 1
+
+            def build(label, worker):
+                """A task's whole life, each step acknowledged before the next: created, claimed, done."""
+                lead = ctl_common.BrokerClient(broker.port, token=architect.token, timeout=2)
+                hands = ctl_common.BrokerClient(broker.port, token=worker.token, timeout=2)
+                i = 0
+                while not stop.is_set():
+                    title = f"{label}-{i}"
+                    try:
+                        status, task = lead.request("POST", "/tasks", {"title": title})
+                        if status != 200:
+                            continue
+                        stages[title] = "created"
+                        if hands.request("POST", "/tasks/claim", {"task_id": task["id"]})[0] == 200:
+                            stages[title] = "claimed"
+                            if hands.request("POST", "/tasks/complete", {"task_id": task["id"], "summary": "built"})[0] == 200:
+                                stages[title] = "done"
+                    except ctl_common.BrokerUnavailable:
+                        return
                     i += 1
 
             batches = []                # what each read before the kill returned, in order
@@ -881,7 +904,8 @@ class DurabilityTest(unittest.TestCase):
             jobs = [(s.token, "message", s.name) for s in senders] + \
                 [(architect.token, "task", f"task{i}") for i in range(2)] + \
                 [(architect.token, "memory", f"mem{i}") for i in range(2)]
-            threads = [threading.Thread(target=write, args=job) for job in jobs] + [threading.Thread(target=read)]
+            threads = [threading.Thread(target=write, args=job) for job in jobs] + [threading.Thread(target=read)] + \
+                [threading.Thread(target=build, args=(f"build{i}", worker)) for i, worker in enumerate(builders)]
             for thread in threads:
                 thread.start()
             time.sleep(1.5)
@@ -909,10 +933,15 @@ class DurabilityTest(unittest.TestCase):
             self.assertLessEqual(set(received) & read_before, batches[-1],
                                  "a lost acknowledgement only hands the last batch over again")
             db = sqlite3.connect(os.path.join(broker.state_dir, "broker.db"))
-            titles = {row[0] for row in db.execute("SELECT title FROM tasks")}
+            status_of = dict(db.execute("SELECT title, status FROM tasks"))
             keys = {row[0] for row in db.execute("SELECT key FROM memory")}
             db.close()
-            self.assertEqual(set(acknowledged["task"]) - titles, set(), "every acknowledged task is there")
+            self.assertEqual(set(acknowledged["task"]) - set(status_of), set(), "every acknowledged task is there")
+            self.assertGreater(sum(stage == "done" for stage in stages.values()), 10)
+            kept = {"created": {"ready", "claimed", "done"}, "claimed": {"claimed", "done"}, "done": {"done"}}
+            self.assertEqual({title: (stage, status_of.get(title)) for title, stage in stages.items()
+                              if status_of.get(title) not in kept[stage]}, {},
+                             "every acknowledged claim and completion is there")
             self.assertEqual(set(acknowledged["memory"]) - keys, set(), "every acknowledged decision is there")
         finally:
             broker.cleanup()
