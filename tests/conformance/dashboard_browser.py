@@ -104,6 +104,8 @@ def run_dashboard_checks(page, broker, rooms, shop, elsewhere, finished, artifac
     page.wait_for_selector(".msg.held", timeout=5_000)
     check("held until resumed" in page.locator(".msg.held").first.inner_text(), "held messages are marked held")
     page.screenshot(path=os.path.join(artifacts, "dashboard-paused.png"), full_page=True)
+    spills = spilling_cards(page)
+    check(not spills, f"at 1440 px, with four peers and a long unbroken summary, no table spills out of its card {spills}")
 
 
 def check_events(page, broker):
@@ -125,6 +127,14 @@ def check_events(page, broker):
           and "Gets messages" in page.locator("#peers-head").inner_text(), "how a peer hears of mail is said plainly")
 
 
+def spilling_cards(page) -> list:
+    """The cards (sections) with a table reaching past their right edge, where its last column is cut off."""
+    return page.evaluate("""() => [...document.querySelectorAll('section')].filter((card) => {
+        const box = card.getBoundingClientRect();
+        return [...card.querySelectorAll('table')].some((t) => t.getBoundingClientRect().right > box.right + 1);
+      }).map((card) => card.id || card.querySelector('h2')?.textContent)""")
+
+
 def check_narrow(context, broker, shop, artifacts):
     """At 420 px every table stays inside its card and text wraps at spaces."""
     narrow = context.new_page()
@@ -134,10 +144,7 @@ def check_narrow(context, broker, shop, artifacts):
     narrow.screenshot(path=os.path.join(artifacts, "dashboard-rooms-420.png"), full_page=True)
     narrow.goto(narrow.url.split("#")[0] + f"#room={shop}")
     narrow.wait_for_selector("tr[data-peer='tester']", timeout=10_000)
-    spills = narrow.evaluate("""() => [...document.querySelectorAll('section')].filter((card) => {
-        const box = card.getBoundingClientRect();
-        return [...card.querySelectorAll('table')].some((t) => t.getBoundingClientRect().right > box.right + 1);
-      }).map((card) => card.id)""")
+    spills = spilling_cards(narrow)
     check(not spills and narrow.evaluate("document.documentElement.scrollWidth <= window.innerWidth"),
           f"at 420 px no table spills out of its card {spills or ''}")
     wrap = narrow.evaluate("getComputedStyle(document.querySelector('#peers td.summary')).overflowWrap")
