@@ -131,15 +131,14 @@ class Rooms:
             view["memory"] = self.get_memory(room_id, None)["entries"]
         rows = self.db.execute("SELECT * FROM messages WHERE room_id=? AND id > ? ORDER BY id DESC LIMIT 200",
                                (room_id, after_message)).fetchall()
-        paused = room["state"] == "paused"
-        messages = []
-        for r in rows:
-            entry = self._message_view(r)
-            if paused and r["origin"] == "agent" and self.db.execute(
-                    "SELECT 1 FROM deliveries WHERE message_id=? AND acked_at IS NULL LIMIT 1", (r["id"],)).fetchone():
-                entry["held"] = True
-            messages.append(entry)
-        view["messages"] = messages
+        # While paused, the agents' messages not yet read are held, those sent before the pause too: their ids
+        # (the page's latest 500, as many as it keeps) mark the messages already shown as well as new ones.
+        held = {r[0] for r in self.db.execute(
+            "SELECT DISTINCT d.message_id FROM deliveries d JOIN messages m ON m.id = d.message_id "
+            "WHERE d.peer_id IN (SELECT id FROM peers WHERE room_id=?) AND d.acked_at IS NULL AND m.origin = 'agent' "
+            "ORDER BY d.message_id DESC LIMIT 500", (room_id,))} if room["state"] == "paused" else set()
+        view["messages"] = [{**self._message_view(r), **({"held": True} if r["id"] in held else {})} for r in rows]
+        view["held"] = sorted(held)
         view["open_blockers"] = self._open_blockers(room_id)
         events = self.db.execute("SELECT * FROM events WHERE (room_id=? OR room_id IS NULL) AND id > ? "
                                  "ORDER BY id DESC LIMIT 200", (room_id, after_event))

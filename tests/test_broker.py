@@ -730,9 +730,12 @@ class OperatorTest(BrokerTestCase):
     def test_pause_resume_stop_reset(self):
         op = self.broker.operator()
         a, b = self.broker.join("p-a"), self.broker.join("p-b")
+        before = a.ok("POST", "/messages", {"to": "p-b", "content": "sent before the pause"})["message_id"]
         op.ok("POST", "/operator/pause", {})
         sent = a.ok("POST", "/messages", {"to": "p-b", "content": "held"})
         self.assertIn("paused", sent["held"])
+        self.assertEqual(op.ok("GET", "/state")["held"], [before, sent["message_id"]],
+                         "the dashboard is told of every held message, the one sent before the pause too")
         op.ok("POST", "/operator/inject", {"to": "p-b", "content": "the human speaks"})
         batch = b.read()
         self.assertEqual(batch["room"], "paused")
@@ -744,7 +747,9 @@ class OperatorTest(BrokerTestCase):
         time.sleep(0.3)
         op.ok("POST", "/operator/resume", {})
         thread.join(5)
-        self.assertEqual([m["content"] for m in waiting["batch"]["messages"]], ["held"], "resume releases held mail")
+        self.assertEqual([m["content"] for m in waiting["batch"]["messages"]], ["sent before the pause", "held"],
+                         "resume releases held mail")
+        self.assertEqual(op.ok("GET", "/state")["held"], [], "nothing is held once the room runs again")
         op.ok("POST", "/operator/stop", {})
         status, data = a.send("p-b", "still going")
         self.assertEqual((status, data["error"]["code"]), (423, "room_stopped"))

@@ -103,6 +103,8 @@ def run_dashboard_checks(page, broker, rooms, shop, elsewhere, finished, artifac
     broker.join("late", root=state["room"]["root"]).send("planner", "sent while paused")
     page.wait_for_selector(".msg.held", timeout=5_000)
     check("held until resumed" in page.locator(".msg.held").first.inner_text(), "held messages are marked held")
+    page.locator(".msg.held").nth(2).wait_for(timeout=5_000)
+    check(page.locator(".msg.held").count() == 3, "and so are the two sent before the pause, shown already and still unread")
     page.screenshot(path=os.path.join(artifacts, "dashboard-paused.png"), full_page=True)
     spills = spilling_cards(page)
     check(not spills, f"at 1440 px, with four peers and a long unbroken summary, no table spills out of its card {spills}")
