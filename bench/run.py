@@ -235,7 +235,9 @@ class Caucus:
         self.proc.terminate()
         self.proc.wait()
 
-    cleanup = stop
+    def cleanup(self):
+        if self.proc and self.proc.poll() is None:
+            self.stop()
 
     def peer(self, name: str, room: str = "") -> dict:
         status, data = Http(self.port).call("POST", "/register", {"project": name})
@@ -778,11 +780,10 @@ def main() -> int:
     flood = 10_000 if args.quick else 100_000
     big = 100_000 if args.quick else 1_000_000
     big_tasks = 10_000 if args.quick else 100_000
-    ours = Ours().start()
-    previous = Previous().start()
-    caucus = Caucus().start() if Caucus.available() else None
+    ours, previous = Ours(), Previous()
+    caucus = Caucus() if Caucus.available() else None
     systems = [ours, previous] + ([caucus] if caucus else [])
-    references = [Reference("answer").start(), Reference("durable").start()]
+    references = [Reference("answer"), Reference("durable")]
     rows = []
 
     def row(measure, unit, ours_value, caucus_value, better, against="Caucus"):
@@ -796,6 +797,8 @@ def main() -> int:
         print(f"{measure}: ours {fmt(ours_value)} {unit}, Caucus {fmt(caucus_value)} {ratio}", flush=True)
 
     try:
+        for system in systems + references:        # inside the try: one that fails to start leaves none running
+            system.start()
         cpu = {}
         for pairs in (1, 8):
             measured = systems + (references if pairs == 1 else [])
