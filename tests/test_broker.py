@@ -876,9 +876,9 @@ class DurabilityTest(unittest.TestCase):
                 lead = ctl_common.BrokerClient(broker.port, token=architect.token, timeout=2)
                 hands = ctl_common.BrokerClient(broker.port, token=worker.token, timeout=2)
                 i = 0
-                while not stop.is_set():
-                    title = f"{label}-{i}"
-                    try:
+                try:
+                    while not stop.is_set():
+                        title = f"{label}-{i}"
                         status, task = lead.request("POST", "/tasks", {"title": title})
                         if status != 200:
                             continue
@@ -887,9 +887,12 @@ class DurabilityTest(unittest.TestCase):
                             stages[title] = "claimed"
                             if hands.request("POST", "/tasks/complete", {"task_id": task["id"], "summary": "built"})[0] == 200:
                                 stages[title] = "done"
-                    except ctl_common.BrokerUnavailable:
-                        return
-                    i += 1
+                        i += 1
+                except ctl_common.BrokerUnavailable:
+                    pass
+                finally:
+                    lead.close()
+                    hands.close()
 
             batches = []                # what each read before the kill returned, in order
 
