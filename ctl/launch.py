@@ -102,13 +102,14 @@ def status(port: int, state_dir: str) -> int:
 def show_room(room: dict) -> None:
     """One room in the terminal; every peer-set text escaped, so it cannot move the cursor or forge a line."""
     counts, info = room["tasks"]["counts"], room["room"]
-    print(f"\nRoom {printable(info['name'])} ({printable(info['root'] or 'no project root')}): {info['state']}; "
-          f"{printable(info['seat_text'])}")
+    print(f"\nRoom {printable(info['name'])} ({printable(info['root'] or 'no project root')}): "
+          f"{printable(info['state'])}; {printable(info['seat_text'])}")
     print(f"  Tasks: {counts['ready']} ready, {counts['claimed']} claimed, {counts['blocked']} blocked, "
           f"{counts['done']} done")
     for peer in room["peers"]:
         claims = f", holds {', '.join(f'#{c}' for c in peer['claims'])}" if peer["claims"] else ""
-        print(f"  {printable(peer['name'])} ({peer['role']}, {peer['state']}){claims}, {peer['unread']} unread")
+        print(f"  {printable(peer['name'])} ({printable(peer['role'])}, {printable(peer['state'])}){claims}, "
+              f"{peer['unread']} unread")
     for lock in room["locks"]:
         print(f"  lock {printable(lock['path'])} by {printable(lock['holder'])}")
     print(f"  Unread blockers: {room['open_blockers']}")
