@@ -811,7 +811,7 @@ def main() -> int:
                 rates[caucus.name] if caucus else "n/a", "higher")
             row(f"  previous code, {label}", "per s", rates[previous.name], rates[caucus.name] if caucus else "n/a",
                 "higher")
-            for reference in measured[len(systems):]:
+            for reference in (references if pairs == 1 else []):
                 row(f"  {reference.name}, {label}", "per s", rates[reference.name],
                     rates[caucus.name] if caucus else "n/a", "higher")
         for pairs in (1, 8):

@@ -131,15 +131,14 @@ class Rooms:
             view["memory"] = self.get_memory(room_id, None)["entries"]
         rows = self.db.execute("SELECT * FROM messages WHERE room_id=? AND id > ? ORDER BY id DESC LIMIT 200",
                                (room_id, after_message)).fetchall()
+        view["messages"] = [self._message_view(r) for r in rows]
         # While paused, the agents' messages not yet read are held, those sent before the pause too: which of the
         # room's latest 500 (as many as the page keeps) are, so it marks those shown already as well as new ones.
         # Bounded by those 500 whatever the backlog: each looks up its own deliveries.
-        held = {r[0] for r in self.db.execute(
+        view["held"] = [r[0] for r in self.db.execute(
             "SELECT m.id FROM (SELECT id, origin FROM messages WHERE room_id=? ORDER BY id DESC LIMIT 500) m "
             "WHERE m.origin = 'agent' AND EXISTS (SELECT 1 FROM deliveries d WHERE d.message_id = m.id "
-            "AND d.acked_at IS NULL)", (room_id,))} if room["state"] == "paused" else set()
-        view["messages"] = [{**self._message_view(r), **({"held": True} if r["id"] in held else {})} for r in rows]
-        view["held"] = sorted(held)
+            "AND d.acked_at IS NULL) ORDER BY m.id", (room_id,))] if room["state"] == "paused" else []
         view["open_blockers"] = self._open_blockers(room_id)
         events = self.db.execute("SELECT * FROM events WHERE (room_id=? OR room_id IS NULL) AND id > ? "
                                  "ORDER BY id DESC LIMIT 200", (room_id, after_event))
